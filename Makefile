@@ -1,0 +1,28 @@
+# Newcomers: `make demo` (train on the bundled images, generate a picture) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+VENV_FLAX := .venv-flax
+PIP_QUIET ?= -q
+CLIP_VOCAB_WHEEL := clip-anytorch==2.6.0
+DEMO_DIR ?= demo-output
+
+.PHONY: setup setup-flax demo test test-torch test-flax bench clean
+
+setup: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_QUIET) -r requirements.txt -r requirements-dev.txt
+	# Only the CLIP BPE vocabulary file is used from this wheel; its dependencies are not needed.
+	$(VENV)/bin/pip install $(PIP_QUIET) --no-deps $(CLIP_VOCAB_WHEEL)
+	touch $@
+
+demo: setup
+	$(VENV)/bin/python tools/demo.py --output_dir $(DEMO_DIR)
+
+test: test-torch
+
+test-torch: setup
+	$(VENV)/bin/python -m pytest -q tests --ignore=tests/flax
+
+clean:
+	rm -rf $(VENV) $(VENV_FLAX) $(DEMO_DIR) build

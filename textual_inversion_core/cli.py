@@ -1,0 +1,200 @@
+"""The one command-line definition shared by the PyTorch and the Flax trainer.
+
+Flag names and defaults follow diffusers' examples/textual_inversion scripts so that their command
+lines run unchanged; flags we add are marked "(ours)". Both scripts build their parser here, so the
+two --help outputs list the same flags and cannot drift.
+"""
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+from .schedules import LR_SCHEDULERS
+
+EXPORT_FORMATS = ("diffusers", "a1111", "kohya")
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends in one line that names the problem and points at --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(prog=None, description=None):
+    p = _OneLineErrorParser(prog=prog, description=description or "Textual Inversion training.")
+    add = p.add_argument
+
+    # Saving
+    add("--save_steps", type=int, default=500,
+        help="Write learned_embeds-steps-N.(bin|safetensors) every N optimizer steps (0 disables).")
+    add("--save_as_full_pipeline", action="store_true",
+        help="Also save the whole pipeline, with the extended tokenizer and text encoder, to output_dir.")
+    add("--num_vectors", type=int, default=1,
+        help="How many embedding vectors the placeholder token stands for.")
+
+    # Model
+    add("--pretrained_model_name_or_path", type=str, default=None, required=True,
+        help="Local pipeline folder or hub model id of the base Stable Diffusion model.")
+    add("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the base model.")
+    add("--variant", type=str, default=None, help="Weights variant of the base model files, e.g. fp16.")
+    add("--tokenizer_name", type=str, default=None,
+        help="Tokenizer folder or id, if not the model's own tokenizer/ subfolder.")
+
+    # Data and concept
+    add("--train_data_dir", type=str, default=None, required=True, help="Folder with the training images.")
+    add("--placeholder_token", type=str, default=None, required=True,
+        help="The new token that will stand for the concept, e.g. <cat-toy>.")
+    add("--initializer_token", type=str, default=None, required=True,
+        help="An existing single-token word whose embedding initialises the new vectors, e.g. toy.")
+    add("--learnable_property", type=str, default="object", choices=["object", "style"],
+        help="Learn an object (prompts 'a photo of a X') or a style (prompts 'a painting in the style of X').")
+    add("--repeats", type=int, default=100, help="How many times the image set is repeated in one epoch.")
+    add("--skip_bad_images", action="store_true",
+        help="(ours) Skip unreadable or corrupt image files with a warning instead of stopping.")
+    add("--init_from", type=str, default=None,
+        help="(ours) Start from an existing embedding file instead of the initializer token's embedding.")
+
+    # Output
+    add("--output_dir", type=str, default="text-inversion-model",
+        help="Where embeddings, checkpoints, logs and validation images are written.")
+    add("--export_formats", type=str, default=",".join(EXPORT_FORMATS),
+        help="(ours) Comma list of extra embedding formats to write: diffusers,a1111,kohya. "
+             "The diffusers files are always written.")
+
+    # Training
+    add("--seed", type=int, default=None, help="Seed for a reproducible run (random if not given).")
+    add("--resolution", type=int, default=512, help="Training images are resized to this square size.")
+    add("--center_crop", action="store_true", help="Crop images to a centred square before resizing.")
+    add("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    add("--num_train_epochs", type=int, default=100)
+    add("--max_train_steps", type=int, default=5000,
+        help="Total optimizer steps; when given it overrides --num_train_epochs.")
+    add("--gradient_accumulation_steps", type=int, default=1,
+        help="Micro-batches whose gradients are summed before one optimizer step.")
+    add("--gradient_checkpointing", action="store_true",
+        help="Recompute activations in the backward pass: slower, much less memory.")
+    add("--learning_rate", type=float, default=1e-4, help="Learning rate (after warmup).")
+    add("--scale_lr", action="store_true", default=False,
+        help="Multiply the learning rate by batch size x accumulation steps x number of devices.")
+    add("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS,
+        help="Learning-rate schedule.")
+    add("--lr_warmup_steps", type=int, default=500, help="Warmup optimizer steps of the schedule.")
+    add("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    add("--dataloader_num_workers", type=int, default=0,
+        help="Threads that decode and resize the training images (0: the main thread).")
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_weight_decay", type=float, default=1e-2)
+    add("--adam_epsilon", type=float, default=1e-08)
+
+    # Hub
+    add("--push_to_hub", action="store_true", help="Upload the result to the Hugging Face Hub.")
+    add("--hub_token", type=str, default=None,
+        help="Hub token (prefer `hf auth login` or HF_TOKEN); never written to disk or logs.")
+    add("--use_auth_token", action="store_true",
+        help="Accepted for compatibility with the diffusers Flax script; the stored login is used anyway.")
+    add("--hub_model_id", type=str, default=None,
+        help="Hub repository to push to (default: the output_dir's name).")
+
+    # Logging, precision, validation
+    add("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to output_dir.")
+    add("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+        help="Run the frozen models in fp16 or bf16; the learned vectors stay fp32.")
+    add("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
+    add("--report_to", type=str, default="tensorboard",
+        help="Where to log: tensorboard, wandb, comet_ml, all or none.")
+    add("--validation_prompt", type=str, default=None,
+        help="Prompt (use the placeholder token in it) to sample during training.")
+    add("--num_validation_images", type=int, default=4)
+    add("--validation_steps", type=int, default=100, help="Sample validation images every N steps.")
+    add("--validation_epochs", type=int, default=None,
+        help="Deprecated in diffusers: validate every N epochs (converted to steps).")
+    add("--local_rank", type=int, default=-1, help="Set by distributed launchers.")
+
+    # Checkpoints
+    add("--checkpointing_steps", type=int, default=500,
+        help="Save a resumable checkpoint-N/ every N optimizer steps.")
+    add("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    add("--resume_from_checkpoint", type=str, default=None,
+        help='Resume from "checkpoint-N" (or a path to one) or from "latest".')
+
+    add("--enable_xformers_memory_efficient_attention", action="store_true",
+        help="Use xFormers attention (needs xformers and a CUDA GPU).")
+    add("--no_safe_serialization", action="store_true",
+        help="Write learned_embeds only as .bin (torch pickle), not .safetensors.")
+    return p
+
+
+def check_args(args):
+    """Cross-flag checks argparse cannot express. Raises UserError with a fix in the message."""
+    env_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_rank != -1 and env_rank != args.local_rank:
+        args.local_rank = env_rank
+
+    if not args.placeholder_token or not args.placeholder_token.strip():
+        raise UserError('--placeholder_token is empty; give the new token, e.g. --placeholder_token="<cat-toy>"')
+    if any(c.isspace() for c in args.placeholder_token):
+        raise UserError(f"--placeholder_token {args.placeholder_token!r} contains white space; use one word such as <cat-toy>")
+    if not args.initializer_token or not args.initializer_token.strip():
+        raise UserError('--initializer_token is empty; give an existing word close to the concept, e.g. --initializer_token="toy"')
+    positive = {
+        "num_vectors": args.num_vectors, "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "repeats": args.repeats,
+        "resolution": args.resolution, "num_train_epochs": args.num_train_epochs,
+        "num_validation_images": args.num_validation_images, "lr_num_cycles": args.lr_num_cycles,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise UserError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    if args.resolution % 8:
+        lower, upper = args.resolution // 8 * 8, args.resolution // 8 * 8 + 8
+        raise UserError(f"--resolution {args.resolution} is not a multiple of 8; use {lower or 8} or {upper}")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.lr_warmup_steps < 0:
+        raise UserError(f"--lr_warmup_steps must be 0 or more, got {args.lr_warmup_steps}")
+    if args.dataloader_num_workers < 0:
+        raise UserError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
+    for name in ("save_steps", "checkpointing_steps", "validation_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise UserError(f"--{name} must be 0 (off) or more, got {getattr(args, name)}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise UserError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    if not (0.0 <= args.adam_beta1 < 1.0 and 0.0 <= args.adam_beta2 < 1.0):
+        raise UserError("--adam_beta1 and --adam_beta2 must be in [0, 1)")
+    if args.report_to not in ("tensorboard", "wandb", "comet_ml", "all", "none"):
+        raise UserError(f"--report_to {args.report_to!r} is unknown; use tensorboard, wandb, comet_ml, all or none")
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise UserError("--hub_token with --report_to=wandb would expose the token to wandb; log in with `hf auth login` instead")
+    formats = [f.strip() for f in args.export_formats.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown:
+        raise UserError(f"--export_formats: unknown format(s) {', '.join(unknown)}; choose from {','.join(EXPORT_FORMATS)}")
+    args.export_formats = formats
+    if args.validation_epochs is not None and args.validation_epochs < 1:
+        raise UserError(f"--validation_epochs must be at least 1, got {args.validation_epochs}")
+    return args
+
+
+def parse_args(argv=None, prog=None, description=None):
+    parser = build_parser(prog=prog, description=description)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return check_args(args)
+
+
+def flag_names(parser=None):
+    """Every long flag of the shared parser, sorted (tests compare the two scripts' --help with it)."""
+    parser = parser or build_parser()
+    names = set()
+    for action in parser._actions:
+        names.update(o for o in action.option_strings if o.startswith("--") and o != "--help")
+    return sorted(names)
+
+
+def public_config(args):
+    """The run's settings for logs, trackers and model cards: secrets removed."""
+    return {k: v for k, v in vars(args).items() if k not in ("hub_token",) and not k.startswith("_")}

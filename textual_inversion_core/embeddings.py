@@ -1,0 +1,166 @@
+"""Embedding files: writers and readers for diffusers, AUTOMATIC1111 and kohya/ComfyUI formats.
+
+Vectors travel as numpy float32 arrays [num_vectors, dim]. Pickle-based formats (.bin, .pt) need
+torch and import it only when used; they are read with ``weights_only=True``.
+"""
+
+import io
+import os
+import re
+
+import numpy as np
+
+from . import atomic
+from .errors import UserError
+
+DIFFUSERS_BIN = "learned_embeds.bin"
+DIFFUSERS_SAFETENSORS = "learned_embeds.safetensors"
+TOKEN_FILE = "token_identifier.txt"
+CONCEPT_FILE = "type_of_concept.txt"
+
+
+def file_stem_for_token(token):
+    """A1111 and ComfyUI take the trigger word from the file name: '<cat-toy>' -> 'cat-toy'."""
+    stem = re.sub(r"[<>:\"/\\|?*\s]", "", token).strip(".") or "embedding"
+    return stem
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as err:  # pragma: no cover - both environments install torch
+        raise UserError(".bin/.pt embedding files need torch; install it (pip install torch) or use .safetensors") from err
+    return torch
+
+
+def _as_float32(vectors):
+    array = np.asarray(vectors, dtype=np.float32)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise ValueError(f"embedding must be [num_vectors, dim], got shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def write_diffusers(output_dir, token, vectors, safe_serialization=True, suffix=""):
+    """learned_embeds{suffix}.bin (always) and .safetensors (unless disabled): {token: [n, dim]}."""
+    vectors = _as_float32(vectors)
+    torch = _torch()
+    written = []
+    buffer = io.BytesIO()
+    torch.save({token: torch.from_numpy(vectors.copy())}, buffer)
+    path = os.path.join(output_dir, f"learned_embeds{suffix}.bin")
+    atomic.write_bytes(path, buffer.getvalue())
+    written.append(path)
+    if safe_serialization:
+        from safetensors.numpy import save
+
+        path = os.path.join(output_dir, f"learned_embeds{suffix}.safetensors")
+        atomic.write_bytes(path, save({token: vectors}, metadata={"format": "np"}))
+        written.append(path)
+    return written
+
+
+def write_a1111(path, token, vectors, step, base_model):
+    """AUTOMATIC1111 webui .pt: the file name (without .pt) is the word to use in prompts."""
+    torch = _torch()
+    vectors = _as_float32(vectors)
+    payload = {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": torch.from_numpy(vectors.copy())},
+        "name": file_stem_for_token(token),
+        "step": int(step),
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": base_model,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic.write_bytes(path, buffer.getvalue())
+    return path
+
+
+def write_kohya(path, token, vectors, step, base_model):
+    """kohya / ComfyUI single-file safetensors: {"emb_params": [n, dim]} plus metadata."""
+    from safetensors.numpy import save
+
+    vectors = _as_float32(vectors)
+    metadata = {"base_model": str(base_model), "token": token, "num_vectors": str(vectors.shape[0]),
+                "dim": str(vectors.shape[1]), "steps": str(int(step))}
+    atomic.write_bytes(path, save({"emb_params": vectors}, metadata=metadata))
+    return path
+
+
+def write_all(output_dir, token, vectors, step, base_model, learnable_property, export_formats=(),
+              safe_serialization=True):
+    """The final result: diffusers files, token and concept files, and the asked-for extra formats."""
+    written = write_diffusers(output_dir, token, vectors, safe_serialization=safe_serialization)
+    atomic.write_text(os.path.join(output_dir, TOKEN_FILE), token)
+    atomic.write_text(os.path.join(output_dir, CONCEPT_FILE), learnable_property)
+    written += [os.path.join(output_dir, TOKEN_FILE), os.path.join(output_dir, CONCEPT_FILE)]
+    stem = file_stem_for_token(token)
+    if "a1111" in export_formats:
+        written.append(write_a1111(os.path.join(output_dir, f"{stem}.pt"), token, vectors, step, base_model))
+    if "kohya" in export_formats:
+        written.append(write_kohya(os.path.join(output_dir, f"{stem}.safetensors"), token, vectors, step, base_model))
+    return written
+
+
+def _load_pickle(path):
+    torch = _torch()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read embedding file {path!r} safely ({str(err).splitlines()[0]}); "
+                        "use a .safetensors file or a plain tensor/dict file") from err
+
+
+def _to_numpy(value):
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def read_embedding(path, expected_dim=None):
+    """Read any supported embedding file. Returns (token or None, float32 [num_vectors, dim]).
+
+    Accepted: diffusers {token: tensor} (1-D or 2-D), A1111 .pt (string_to_param), kohya/ComfyUI
+    {"emb_params": ...}, SDXL-style {"clip_l", "clip_g"} (the part whose width is expected_dim),
+    and a raw tensor.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"embedding file {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        try:
+            data = load_file(path)
+        except Exception as err:
+            raise UserError(f"cannot read {path!r} as safetensors ({str(err).splitlines()[0]})") from err
+    else:
+        data = _load_pickle(path)
+    token = None
+    if isinstance(data, dict) and "string_to_param" in data:
+        token = data.get("name") if isinstance(data.get("name"), str) else None
+        data = next(iter(data["string_to_param"].values()))
+    elif isinstance(data, dict) and "emb_params" in data:
+        data = data["emb_params"]
+    elif isinstance(data, dict) and ("clip_l" in data or "clip_g" in data):
+        parts = {k: _to_numpy(data[k]) for k in ("clip_l", "clip_g") if k in data}
+        matching = [v for v in parts.values() if expected_dim is None or v.shape[-1] == expected_dim]
+        if not matching:
+            widths = ", ".join(f"{k}={v.shape[-1]}" for k, v in parts.items())
+            raise UserError(f"{path!r} has no part of width {expected_dim} ({widths}); it was made for another text encoder")
+        data = matching[0]
+    elif isinstance(data, dict):
+        if len(data) != 1:
+            raise UserError(f"{path!r} holds {len(data)} tensors; expected one embedding (diffusers, A1111 or kohya format)")
+        token, data = next(iter(data.items()))
+    vectors = _to_numpy(data)
+    if vectors.ndim == 1:
+        vectors = vectors[None, :]
+    if vectors.ndim != 2:
+        raise UserError(f"{path!r}: embedding has shape {tuple(vectors.shape)}, expected [num_vectors, dim]")
+    if expected_dim is not None and vectors.shape[1] != expected_dim:
+        raise UserError(f"{path!r}: embedding width {vectors.shape[1]} does not match the text encoder's {expected_dim}; "
+                        "it was trained for another model")
+    return token, vectors

@@ -1,0 +1,37 @@
+"""Folder-layout fixes for saved pipelines (torch and safetensors are imported only when called)."""
+
+import os
+import shutil
+
+
+def add_text_model_prefix(folder):
+    """Rewrite a CLIPTextModel's model.safetensors so every key starts with `text_model.`.
+
+    transformers 5 saves CLIPTextModel without that prefix; transformers 4.x (and its Flax
+    from_pt conversion) then silently keeps random weights. Both versions load the prefixed layout.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(path):
+        return
+    state = load_file(path)
+    if all(k.startswith("text_model.") for k in state):
+        return
+    renamed = {(k if k.startswith("text_model.") else "text_model." + k): v.contiguous() for k, v in state.items()}
+    tmp = path + ".tmp"
+    save_file(renamed, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def move_into(staging, destination):
+    """Move every entry of staging into destination (replacing same-named ones), then drop staging."""
+    os.makedirs(destination, exist_ok=True)
+    for name in os.listdir(staging):
+        target = os.path.join(destination, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.unlink(target)
+        os.rename(os.path.join(staging, name), target)
+    shutil.rmtree(staging, ignore_errors=True)

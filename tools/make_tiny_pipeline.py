@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Write a complete StableDiffusionPipeline folder with random weights, offline.
+
+    python tools/make_tiny_pipeline.py OUT_DIR [--size tiny|sd15] [--seed 0]
+
+`tiny` is about the size of diffusers' own test pipeline (trains at 64 px in well under a second a
+step on a CPU); `sd15` has the public Stable Diffusion 1.5 architecture (for benchmarks). Both use
+the real CLIP BPE vocabulary (49408 tokens) read from the `clip-anytorch` or `open_clip_torch` wheel,
+so token ids match the real models. The text encoder is saved with the `text_model.` key prefix,
+which both transformers 4.x and 5.x load (5.x itself would drop the prefix, which 4.x misreads).
+"""
+
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from textual_inversion_core.hf_layout import add_text_model_prefix  # noqa: E402
+
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def find_clip_vocab():
+    """Path of CLIP's BPE file inside an installed wheel (the packages are not imported)."""
+    for package in ("clip", "open_clip"):
+        spec = importlib.util.find_spec(package)
+        if spec and spec.submodule_search_locations:
+            for folder in spec.submodule_search_locations:
+                path = os.path.join(folder, VOCAB_FILE)
+                if os.path.isfile(path):
+                    return path
+    sys.exit(f"error: {VOCAB_FILE} not found; install it with `pip install --no-deps clip-anytorch`")
+
+
+def byte_to_unicode_table():
+    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable unicode character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def write_clip_tokenizer_files(folder, vocab_gz):
+    """vocab.json + merges.txt exactly as OpenAI's CLIP tokenizer defines them (49408 entries)."""
+    lines = gzip.open(vocab_gz).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    alphabet = list(byte_to_unicode_table().values())
+    vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == 49408, len(vocab)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+
+
+def configs(size):
+    if size == "tiny":
+        unet = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
+        vae = dict(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                   down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                   latent_channels=4, sample_size=64)
+        text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, projection_dim=32)
+    elif size == "sd15":
+        unet = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                    block_out_channels=(320, 640, 1280, 1280),
+                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                    cross_attention_dim=768, attention_head_dim=8)
+        vae = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                   layers_per_block=2, latent_channels=4, sample_size=512)
+        text = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                    hidden_act="quick_gelu", projection_dim=768)
+    else:
+        raise ValueError(size)
+    text.update(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return unet, vae, text
+
+
+def make_pipeline(out_dir, size="tiny", seed=0):
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    unet_cfg, vae_cfg, text_cfg = configs(size)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_cfg)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**vae_cfg)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
+                              set_alpha_to_one=False, prediction_type="epsilon")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer_files(tmp, find_clip_vocab())
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        staging = tempfile.mkdtemp(prefix=".tmp-pipeline-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
+        try:
+            pipe.save_pretrained(staging, safe_serialization=True)
+            # Tokenizer files for both transformers 4.x (vocab.json/merges.txt) and 5.x (tokenizer.json).
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copy(os.path.join(tmp, name), os.path.join(staging, "tokenizer", name))
+            add_text_model_prefix(os.path.join(staging, "text_encoder"))
+            if os.path.isdir(out_dir):
+                shutil.rmtree(out_dir)
+            os.rename(staging, out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    make_pipeline(args.out_dir, args.size, args.seed)
+    print(f"wrote {args.size} pipeline to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
