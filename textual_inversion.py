@@ -173,6 +173,21 @@ def verify_text_encoder_loaded(text_encoder, model_path, torch):
                         "re-save it with the transformers version in requirements.txt")
 
 
+def denoising_loss(text_encoder, unet, noise_scheduler, latents, noise, timesteps, input_ids, weight_dtype):
+    """The Textual Inversion objective: MSE between the UNet's prediction and the scheduler's target
+    (the noise for epsilon models, the velocity for v_prediction models), computed in fp32."""
+    import torch.nn.functional as F
+
+    encoder_hidden_states = text_encoder(input_ids)[0].to(dtype=weight_dtype)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps).to(dtype=weight_dtype)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+
 # --------------------------------------------------------------------------------------------------
 # Outputs
 
@@ -251,7 +266,6 @@ def main(argv=None):
                             f"{args.num_vectors}; pass --num_vectors {init_vectors.shape[0]}")
 
     import torch
-    import torch.nn.functional as F
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, broadcast_object_list
     from tqdm.auto import tqdm
@@ -381,9 +395,9 @@ def main(argv=None):
     num_timesteps = noise_scheduler.config.num_train_timesteps
     latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     latent_shape = (vae.config.latent_channels, latent_size, latent_size)
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise UserError(f"the model's scheduler predicts {prediction_type!r}; only epsilon and v_prediction are supported")
+    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"the model's scheduler predicts {noise_scheduler.config.prediction_type!r}; "
+                        "only epsilon and v_prediction are supported")
 
     def posterior(keys):
         missing = [k for k in dict.fromkeys(keys) if k not in latent_cache]
@@ -436,14 +450,7 @@ def main(argv=None):
         for micro in range(args.gradient_accumulation_steps):
             latents, noise, timesteps, ids = micro_batch(global_step, micro)
             with accelerator.autocast():
-                encoder_hidden_states = text_encoder(ids)[0].to(dtype=weight_dtype)
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps).to(dtype=weight_dtype)
-                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-            if prediction_type == "epsilon":
-                target = noise
-            else:
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+                loss = denoising_loss(text_encoder, unet, noise_scheduler, latents, noise, timesteps, ids, weight_dtype)
             accelerator.backward(loss / args.gradient_accumulation_steps)
             step_loss += loss.detach() / args.gradient_accumulation_steps
         if world > 1:
