@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 
@@ -68,9 +69,21 @@ def save_checkpoint(output_dir, step, tensors, state, total_limit=None):
             f.write(save(payload))
         with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as f:
             json.dump(dict(state, step=int(step)), f, indent=2, sort_keys=True)
+        _test_pause_before_rename(step)
     if total_limit is not None:
         rotate_checkpoints(output_dir, total_limit)
     return final
+
+
+def _test_pause_before_rename(step):
+    """Fault-injection hook for the crash tests, inert unless TEXTUAL_INVERSION_TEST_SAVE_PAUSE is set.
+
+    "STEP:SECONDS" sleeps while checkpoint-STEP sits complete in its temporary folder, not yet
+    renamed, so a test can kill -9 the process at exactly that moment.
+    """
+    hook = os.environ.get("TEXTUAL_INVERSION_TEST_SAVE_PAUSE")
+    if hook and int(hook.split(":")[0]) == int(step):
+        time.sleep(float(hook.split(":")[1]))
 
 
 def rotate_checkpoints(output_dir, total_limit):
