@@ -114,7 +114,9 @@ def make_pipeline(out_dir, size="tiny", seed=0):
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-        staging = tempfile.mkdtemp(prefix=".tmp-pipeline-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".tmp-pipeline-", dir=parent)
         try:
             pipe.save_pretrained(staging, safe_serialization=True)
             # Tokenizer files for both transformers 4.x (vocab.json/merges.txt) and 5.x (tokenizer.json).
