@@ -307,7 +307,7 @@ def main(argv=None):
     dataset.tokenize(tokenizer, placeholder_string)
 
     # ---- Prepare: freeze everything, then make the placeholder vectors the one trainable tensor.
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # new rows are overwritten below
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
     base_embedding = text_encoder.get_input_embeddings()
