@@ -460,11 +460,13 @@ def main(argv=None):
         mean_loss = accelerator.reduce(step_loss, reduction="mean") if world > 1 else step_loss
         loss_value = float(mean_loss)
         if not math.isfinite(loss_value):
+            progress.close()  # so the error stays the last line on the terminal
             raise UserError(f"loss became {loss_value} at step {global_step + 1}; lower --learning_rate or use fp32. "
                             "The last saved embedding and checkpoint are untouched")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(vectors).all():
+            progress.close()
             raise UserError(f"the learned vectors became non-finite at step {global_step + 1}; lower --learning_rate. "
                             "The last saved embedding and checkpoint are untouched")
         global_step += 1
