@@ -16,13 +16,25 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(VENV)/bin/pip install $(PIP_QUIET) --no-deps $(CLIP_VOCAB_WHEEL)
 	touch $@
 
+# The Flax trainer's environment: the last diffusers/transformers releases with Flax models.
+setup-flax: $(VENV_FLAX)/.installed
+$(VENV_FLAX)/.installed: requirements_flax.txt
+	$(PYTHON) -m venv $(VENV_FLAX)
+	$(VENV_FLAX)/bin/pip install $(PIP_QUIET) -r requirements_flax.txt
+	$(VENV_FLAX)/bin/pip install $(PIP_QUIET) --no-deps $(CLIP_VOCAB_WHEEL)
+	touch $@
+
 demo: setup
 	$(VENV)/bin/python tools/demo.py --output_dir $(DEMO_DIR)
 
-test: test-torch
+test: test-torch test-flax
 
 test-torch: setup
 	$(VENV)/bin/python -m pytest -q tests --ignore=tests/flax
+
+# Flax tests run in .venv-flax; one of them checks the outputs load in the PyTorch env (.venv).
+test-flax: setup setup-flax
+	$(VENV_FLAX)/bin/python -m pytest -q tests/flax
 
 clean:
 	rm -rf $(VENV) $(VENV_FLAX) $(DEMO_DIR) build
