@@ -23,8 +23,9 @@ import numpy as np
 
 from textual_inversion_core import checkpoints, embeddings, hub
 from textual_inversion_core.cli import parse_args, public_config
-from textual_inversion_core.data import STREAM_NOISE, TextualInversionDataset, example_seed, placeholder_tokens_for
+from textual_inversion_core.data import STREAM_NOISE, example_seed, placeholder_tokens_for
 from textual_inversion_core.errors import UserError, run_cli
+from textual_inversion_core.preflight import load_run_inputs
 from textual_inversion_core.schedules import lr_multiplier
 
 logger = logging.getLogger("textual_inversion")
@@ -119,17 +120,6 @@ def check_optional_features(args):
         module = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml"}[tracker]
         if importlib.util.find_spec(module) is None and not (tracker == "tensorboard" and importlib.util.find_spec("tensorboardX")):
             raise UserError(f"--report_to {args.report_to} needs the {module} package; pip install {module} or pass --report_to none")
-
-
-def check_output_dir(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".tmp-write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.unlink(probe)
-    except OSError as err:
-        raise UserError(f"--output_dir {path!r} is not writable ({err.strerror}); choose a folder you can write to") from err
 
 
 def load_models(args, torch):
@@ -251,20 +241,8 @@ def main(argv=None):
     args = parse_args(argv, prog="textual_inversion.py")
 
     # ---- Checks that need no model: fail in seconds, not after loading gigabytes.
-    check_output_dir(args.output_dir)
     check_optional_features(args)
-    dataset = TextualInversionDataset(
-        args.train_data_dir, learnable_property=args.learnable_property, size=args.resolution,
-        repeats=args.repeats, center_crop=args.center_crop, num_workers=args.dataloader_num_workers,
-        skip_bad_images=args.skip_bad_images)
-    resume_path = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    resume_tensors, resume_state = checkpoints.load_checkpoint(resume_path) if resume_path else (None, None)
-    init_vectors = None
-    if args.init_from:
-        _, init_vectors = embeddings.read_embedding(args.init_from)
-        if init_vectors.shape[0] != args.num_vectors:
-            raise UserError(f"--init_from {args.init_from!r} has {init_vectors.shape[0]} vectors but --num_vectors is "
-                            f"{args.num_vectors}; pass --num_vectors {init_vectors.shape[0]}")
+    dataset, resume_path, resume_tensors, resume_state, init_vectors = load_run_inputs(args)
 
     import torch
     from accelerate import Accelerator

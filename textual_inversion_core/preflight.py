@@ -1,0 +1,39 @@
+"""Checks and inputs both trainers settle before loading any model: errors arrive in seconds."""
+
+import collections
+import os
+
+from . import checkpoints, embeddings
+from .data import TextualInversionDataset
+from .errors import UserError
+
+RunInputs = collections.namedtuple("RunInputs", "dataset resume_path resume_tensors resume_state init_vectors")
+
+
+def check_output_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".tmp-write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"--output_dir {path!r} is not writable ({err.strerror}); choose a folder you can write to") from err
+
+
+def load_run_inputs(args):
+    """Decode the images, find the checkpoint to resume and read --init_from, all before any model."""
+    check_output_dir(args.output_dir)
+    dataset = TextualInversionDataset(
+        args.train_data_dir, learnable_property=args.learnable_property, size=args.resolution,
+        repeats=args.repeats, center_crop=args.center_crop, num_workers=args.dataloader_num_workers,
+        skip_bad_images=args.skip_bad_images)
+    resume_path = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    resume_tensors, resume_state = checkpoints.load_checkpoint(resume_path) if resume_path else (None, None)
+    init_vectors = None
+    if args.init_from:
+        _, init_vectors = embeddings.read_embedding(args.init_from)
+        if init_vectors.shape[0] != args.num_vectors:
+            raise UserError(f"--init_from {args.init_from!r} has {init_vectors.shape[0]} vectors but --num_vectors is "
+                            f"{args.num_vectors}; pass --num_vectors {init_vectors.shape[0]}")
+    return RunInputs(dataset, resume_path, resume_tensors, resume_state, init_vectors)
