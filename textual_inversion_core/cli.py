@@ -153,9 +153,10 @@ def check_args(args):
     if args.resolution % 8:
         lower, upper = args.resolution // 8 * 8, args.resolution // 8 * 8 + 8
         raise UserError(f"--resolution {args.resolution} is not a multiple of 8; use {lower or 8} or {upper}")
-    # nan passes "<= 0"; above float32's range the optimizer itself overflows with a traceback.
-    if not 0 < args.learning_rate < 3.4e38:
-        raise UserError(f"--learning_rate must be a positive finite number, got {args.learning_rate}")
+    # nan passes "<= 0"; near float32's limit (3.4e38) AdamW's step size overflows with a traceback.
+    if not 0 < args.learning_rate <= 1e30:
+        raise UserError(f"--learning_rate must be above 0 and at most 1e30, got {args.learning_rate} "
+                        "(typical values: 5e-4 to 5e-3)")
     if args.lr_warmup_steps < 0:
         raise UserError(f"--lr_warmup_steps must be 0 or more, got {args.lr_warmup_steps}")
     if args.dataloader_num_workers < 0:
