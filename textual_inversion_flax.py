@@ -109,7 +109,7 @@ def _weight_file(folder, variant):
     """(kind, path or [paths]) of the weights in a component folder: Flax first, then safetensors, then .bin."""
     names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
     infix = f".{variant}" if variant else ""
-    for stem in ("flax_model",):
+    for stem in ("diffusion_flax_model", "flax_model"):  # diffusers' and transformers' names
         if f"{stem}{infix}.msgpack" in names:
             return "flax", os.path.join(folder, f"{stem}{infix}.msgpack")
     for stem in ("diffusion_pytorch_model", "model"):
@@ -124,7 +124,7 @@ def _weight_file(folder, variant):
         if f"{stem}{infix}.bin" in names:
             return "bin", [os.path.join(folder, f"{stem}{infix}.bin")]
     hint = f" with --variant {variant}" if variant else ""
-    raise UserError(f"no weights{hint} in {folder!r} (looked for flax_model.msgpack, *.safetensors, *.bin); "
+    raise UserError(f"no weights{hint} in {folder!r} (looked for *flax_model.msgpack, *.safetensors, *.bin); "
                     "check the model folder" + (" and --variant" if variant else ""))
 
 
@@ -243,8 +243,10 @@ def load_component(folder, name, variant, dtype):
             pt_state, renamed = _add_text_model_prefix_if_missing(pt_state, expected)
         flat, unexpected = convert_pytorch_state(pt_state, expected, library)
         if unexpected:
-            logger.warning("%s: %d checkpoint tensors are not used by the Flax model (e.g. %s)",
-                           where, len(unexpected), ", ".join(unexpected[:3]))
+            # Weights the Flax architecture has no place for: it would be a different model.
+            raise UserError(f"{where}: {len(unexpected)} checkpoint tensors have no place in the Flax model "
+                            f"({', '.join(unexpected[:5])}); this architecture is not supported by diffusers' Flax "
+                            "models, use textual_inversion.py")
         note = f"PyTorch {kind} converted" + (" (transformers-5 layout, text_model. prefix added)" if renamed else "")
     verify_params(flat, expected, where)
     return model, unflatten_dict(flat), note
@@ -512,6 +514,7 @@ def build_pipeline(models, tokenizer, scheduler):
 def run_validation(args, models, params, tokenizer, scheduler_config, step, trackers):
     """Sample num_validation_images with the current vectors (25 DPM-Solver steps, as the PyTorch script)."""
     import jax
+    import jax.numpy as jnp
 
     from diffusers import FlaxDPMSolverMultistepScheduler
 
@@ -525,8 +528,9 @@ def run_validation(args, models, params, tokenizer, scheduler_config, step, trac
     import flax.linen as nn
 
     with nn.intercept_methods(exact_gelu_interceptor):  # the UNet as trained, see exact_gelu_interceptor
+        # guidance as a 0-d array: a Python float is broadcast wrongly for batches > 1 when jit=False.
         output = pipeline(prompt_ids, params, rng, num_inference_steps=25, height=args.resolution,
-                          width=args.resolution, jit=False)
+                          width=args.resolution, guidance_scale=jnp.asarray(7.5, jnp.float32), jit=False)
     images = pipeline.numpy_to_pil(np.asarray(output.images))
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)

@@ -1,23 +1,10 @@
-"""Fixtures of the Flax tests (run in .venv-flax): a tiny pipeline, training images, helpers to run
-the trainer in a subprocess with a chosen number of forced CPU devices."""
-
-import json
-import os
-import shutil
-import subprocess
-import sys
+"""Fixtures of the Flax tests (run in .venv-flax): a tiny pipeline, training images, an XLA cache.
+Helpers shared by the test modules live in flax_helpers.py."""
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "textual_inversion_flax.py")
-TORCH_SCRIPT = os.path.join(REPO, "textual_inversion.py")
-# The PyTorch environment (transformers 5, diffusers 0.4x), relative to the repo root.
-TORCH_PYTHON = os.path.join(REPO, ".venv", "bin", "python")
-
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+from flax_helpers import REPO  # noqa: F401  (puts the repo root on sys.path)
 
 
 @pytest.fixture(scope="session")
@@ -45,53 +32,28 @@ def compile_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("xla-cache"))
 
 
-def run_trainer(args, devices=1, cache=None, timeout=600, check=True):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env.pop("LOCAL_RANK", None)
-    if cache:
-        env["JAX_COMPILATION_CACHE_DIR"] = cache
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    proc = subprocess.run([sys.executable, SCRIPT] + [str(a) for a in args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+@pytest.fixture(scope="session")
+def transformers5_pipeline(tiny_pipeline, tmp_path_factory):
+    """The tiny pipeline with its text encoder re-saved by transformers 5 (.venv): keys lose `text_model.`."""
+    import shutil
 
+    from flax_helpers import run_torch_python
 
-def base_args(pipeline, images, output_dir, **overrides):
-    flags = {"pretrained_model_name_or_path": pipeline, "train_data_dir": images, "placeholder_token": "<cat-toy>",
-             "initializer_token": "toy", "resolution": 64, "train_batch_size": 1, "max_train_steps": 4,
-             "learning_rate": 5e-3, "lr_scheduler": "constant", "lr_warmup_steps": 0, "output_dir": output_dir,
-             "seed": 7, "num_vectors": 2, "save_steps": 0, "checkpointing_steps": 0, "report_to": "none"}
-    flags.update(overrides)
-    argv = []
-    for key, value in flags.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not None and value is not False:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
-def read_vectors(path):
-    from safetensors.numpy import load_file
-
-    (token, vectors), = load_file(path).items()
-    return token, vectors
-
-
-def copy_pipeline(src, dst):
-    shutil.copytree(src, dst)
-    return str(dst)
-
-
-def run_torch_python(code, *args, timeout=300):
-    """Run code in the PyTorch environment (.venv); returns its JSON on the last stdout line."""
-    proc = subprocess.run([TORCH_PYTHON, "-c", code] + [str(a) for a in args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"torch-env check failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    folder = str(tmp_path_factory.mktemp("flax-pipelines") / "tiny-transformers5")
+    shutil.copytree(tiny_pipeline, folder)
+    shutil.rmtree(f"{folder}/text_encoder")
+    info = run_torch_python(
+        "import json, sys, transformers\n"
+        "from transformers import CLIPTextConfig, CLIPTextModel\n"
+        "from safetensors import safe_open\n"
+        "src, dst = sys.argv[1], sys.argv[2]\n"
+        "model = CLIPTextModel(CLIPTextConfig.from_pretrained(src))\n"  # a model built by transformers 5 itself
+        "model.load_state_dict(CLIPTextModel.from_pretrained(src).state_dict())\n"
+        "model.save_pretrained(dst)\n"
+        "with safe_open(dst + '/model.safetensors', 'np') as f: keys = list(f.keys())\n"
+        "print(json.dumps({'version': transformers.__version__, 'keys': keys}))\n",
+        f"{tiny_pipeline}/text_encoder", f"{folder}/text_encoder")
+    assert info["version"].startswith("5."), info["version"]
+    # The layout this fixture exists for: no key carries the prefix.
+    assert info["keys"] and not any(k.startswith("text_model.") for k in info["keys"])
+    return folder

@@ -1,0 +1,184 @@
+"""End-to-end runs of textual_inversion_flax.py on the tiny pipeline (subprocesses, forced CPU devices).
+
+The runs are shared by the tests of this module:
+  two_devices  2 devices x batch 1, checkpoints, validation, full Flax pipeline, TensorBoard
+  one_device   1 device x batch 2 (the same global batch), checkpoints every 2 steps
+  resumed      one_device's checkpoint-2 resumed to step 4 in a fresh output_dir
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from flax_helpers import SCRIPT, TORCH_PYTHON, TORCH_SCRIPT, base_args, read_vectors, run_torch_python, run_trainer
+
+import textual_inversion_flax as ti_flax
+from textual_inversion_core.cli import flag_names
+
+STEPS = 4
+PLACEHOLDER_TOKENS = ["<cat-toy>", "<cat-toy>_1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_pipeline, train_images, compile_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("flax-runs")
+    out = {name: str(root / name) for name in ("two_devices", "one_device", "resumed")}
+    run_trainer(base_args(tiny_pipeline, train_images, out["two_devices"], train_batch_size=1, checkpointing_steps=2,
+                          save_steps=2, validation_prompt="a photo of <cat-toy>", num_validation_images=1,
+                          validation_steps=STEPS, save_as_full_pipeline=True, report_to="tensorboard"),
+                devices=2, cache=compile_cache)
+    run_trainer(base_args(tiny_pipeline, train_images, out["one_device"], train_batch_size=2, checkpointing_steps=2,
+                          save_steps=2), devices=1, cache=compile_cache)
+    os.makedirs(out["resumed"])
+    shutil.copytree(os.path.join(out["one_device"], "checkpoint-2"), os.path.join(out["resumed"], "checkpoint-2"))
+    proc = run_trainer(base_args(tiny_pipeline, train_images, out["resumed"], train_batch_size=2,
+                                 resume_from_checkpoint="latest"), devices=1, cache=compile_cache)
+    assert "resumed from" in proc.stderr
+    return out
+
+
+def test_help_lists_the_same_flags_as_the_pytorch_script():
+    import re
+    import subprocess
+    import sys
+
+    def flags_in_help(python, script):
+        proc = subprocess.run([python, script, "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return sorted(set(re.findall(r"--[a-z][a-z0-9_]*", proc.stdout)) - {"--help"})
+
+    flax_flags = flags_in_help(sys.executable, SCRIPT)
+    torch_flags = flags_in_help(TORCH_PYTHON, TORCH_SCRIPT)
+    assert flax_flags == torch_flags == flag_names()
+    assert "--enable_xformers_memory_efficient_attention" in flax_flags and "--resume_from_checkpoint" in flax_flags
+
+
+def test_two_device_run_writes_every_output(runs):
+    out = runs["two_devices"]
+    for name in ("learned_embeds.bin", "learned_embeds.safetensors", "token_identifier.txt", "type_of_concept.txt",
+                 "learned_embeds-steps-2.bin", "learned_embeds-steps-2.safetensors", "learned_embeds-steps-4.safetensors",
+                 "checkpoint-2/training_state.safetensors", "checkpoint-4/training_state.json",
+                 "validation/step-000004-0.png", "model_index.json", "text_encoder/flax_model.msgpack",
+                 "unet/diffusion_flax_model.msgpack", "vae/diffusion_flax_model.msgpack", "tokenizer/added_tokens.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert open(os.path.join(out, "token_identifier.txt")).read() == "<cat-toy>"
+    assert open(os.path.join(out, "type_of_concept.txt")).read() == "object"
+    assert any(f.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(out, "logs")) for f in files)
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    token, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    assert token == "<cat-toy>" and vectors.dtype == np.float32 and vectors.shape == (2, 32)
+    # The final file equals the last step file and the last checkpoint: one set of trained vectors.
+    np.testing.assert_array_equal(read_vectors(os.path.join(out, "learned_embeds-steps-4.safetensors"))[1], vectors)
+    from safetensors.numpy import load_file
+
+    state = json.load(open(os.path.join(out, "checkpoint-4", "training_state.json")))
+    tensors = load_file(os.path.join(out, "checkpoint-4", "training_state.safetensors"))
+    assert set(tensors) == {"vectors", "exp_avg", "exp_avg_sq"}
+    np.testing.assert_array_equal(tensors["vectors"], vectors)
+    assert state["step"] == 4 and state["optimizer_step"] == 4 and state["num_vectors"] == 2
+    assert state["global_batch"] == 2 and state["seed"] == 7 and state["framework"] == "flax"
+    with open(os.path.join(out, "model_index.json")) as f:
+        index = json.load(f)
+    assert index["safety_checker"] == [None, None], "no safety checker may be fetched or saved"
+
+
+def test_every_vector_trained_and_starts_from_the_initializer(runs, tiny_pipeline):
+    from transformers import CLIPTokenizer
+
+    _, vectors = read_vectors(os.path.join(runs["two_devices"], "learned_embeds.safetensors"))
+    import jax.numpy as jnp
+
+    _, te_params, _ = ti_flax.load_component(tiny_pipeline, "text_encoder", None, jnp.float32)
+    table = te_params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    toy = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer").encode("toy", add_special_tokens=False)[0]
+    for row in vectors:
+        assert np.abs(row - table[toy]).max() > 1e-3  # moved away from the start
+        assert np.abs(row - table[toy]).max() < 1.0  # but trained from it, 4 steps at lr 5e-3
+
+
+def test_two_devices_equal_one_device_with_the_same_global_batch(runs):
+    _, two = read_vectors(os.path.join(runs["two_devices"], "learned_embeds.safetensors"))
+    _, one = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-6)
+    # The step-2 embedding too: the same examples in the same order, not only a similar end point.
+    np.testing.assert_allclose(read_vectors(os.path.join(runs["two_devices"], "learned_embeds-steps-2.safetensors"))[1],
+                               read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors"))[1],
+                               rtol=0, atol=1e-6)
+
+
+def test_resume_equals_uninterrupted(runs):
+    _, resumed = read_vectors(os.path.join(runs["resumed"], "learned_embeds.safetensors"))
+    _, straight = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
+    _, at_two = read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors"))
+    assert np.abs(resumed - at_two).max() > 1e-4  # the resumed run did train steps 3 and 4
+    np.testing.assert_allclose(resumed, straight, rtol=0, atol=1e-6)
+
+
+def test_outputs_load_in_pytorch_diffusers(runs, tiny_pipeline):
+    """load_textual_inversion (PyTorch env) gives rows equal to the trained vectors; other rows unchanged."""
+    out = runs["two_devices"]
+    _, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    result = run_torch_python(
+        "import json, sys, torch\n"
+        "from diffusers import StableDiffusionPipeline\n"
+        "model, out, tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n"
+        "rows = {}\n"
+        "for source in (out, out + '/learned_embeds.bin', out + '/learned_embeds.safetensors'):\n"
+        "    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)\n"
+        "    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()\n"
+        "    pipe.load_textual_inversion(source)\n"
+        "    after = pipe.text_encoder.get_input_embeddings().weight.detach()\n"
+        "    ids = pipe.tokenizer.convert_tokens_to_ids(tokens)\n"
+        "    unchanged = bool(torch.equal(after[: before.shape[0]], before))\n"
+        "    rows[source] = {'ids': ids, 'rows': after[ids].tolist(), 'old_rows_unchanged': unchanged,\n"
+        "                    'vocab': len(pipe.tokenizer), 'old_vocab': before.shape[0]}\n"
+        "print(json.dumps(rows))\n",
+        tiny_pipeline, out, json.dumps(PLACEHOLDER_TOKENS))
+    assert len(result) == 3
+    for source, info in result.items():
+        assert info["old_rows_unchanged"], source
+        assert info["vocab"] == info["old_vocab"] + 2 and info["ids"] == [info["old_vocab"], info["old_vocab"] + 1]
+        np.testing.assert_array_equal(np.asarray(info["rows"], np.float32), vectors)
+
+
+def test_saved_flax_pipeline_loads_and_only_the_new_rows_differ(runs, tiny_pipeline):
+    import jax.numpy as jnp
+    from diffusers import FlaxStableDiffusionPipeline
+    from flax.traverse_util import flatten_dict
+
+    out = runs["two_devices"]
+    _, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    pipeline, params = FlaxStableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None)
+    ids = pipeline.tokenizer.convert_tokens_to_ids(PLACEHOLDER_TOKENS)
+    saved_table = np.asarray(params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"])
+    np.testing.assert_array_equal(saved_table[ids], vectors)
+    for name in ("text_encoder", "unet", "vae"):
+        _, original, _ = ti_flax.load_component(tiny_pipeline, name, None, jnp.float32)
+        saved, original = flatten_dict(params[name]), flatten_dict(original)
+        assert set(saved) == set(original), name
+        for key, value in original.items():
+            value, stored = np.asarray(value), np.asarray(saved[key])
+            if key[-2:] == ("token_embedding", "embedding"):
+                assert stored.shape == (value.shape[0] + 2, value.shape[1])
+                stored = stored[: value.shape[0]]
+            np.testing.assert_array_equal(stored, value, err_msg="/".join(key))
+
+
+def test_pytorch_trainer_resumes_a_flax_checkpoint(runs, tiny_pipeline, train_images, tmp_path):
+    """Checkpoints are framework-neutral: textual_inversion.py continues from the Flax checkpoint-2."""
+    import subprocess
+
+    out = str(tmp_path / "torch-resume")
+    os.makedirs(out)
+    shutil.copytree(os.path.join(runs["one_device"], "checkpoint-2"), os.path.join(out, "checkpoint-2"))
+    proc = subprocess.run([TORCH_PYTHON, TORCH_SCRIPT] + base_args(tiny_pipeline, train_images, out, train_batch_size=2,
+                                                                  max_train_steps=3, resume_from_checkpoint="latest"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "another global batch" not in proc.stderr
+    _, at_two = read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors"))
+    _, torch_three = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    # One AdamW step of lr 5e-3 with the restored moments: moved, by at most a few learning rates.
+    assert 1e-4 < np.abs(torch_three - at_two).max() < 5 * 5e-3
