@@ -573,6 +573,7 @@ def main(argv=None):
         args.train_data_dir, learnable_property=args.learnable_property, size=args.resolution,
         repeats=args.repeats, center_crop=args.center_crop, num_workers=args.dataloader_num_workers,
         skip_bad_images=args.skip_bad_images)
+    folder = resolve_model_folder(args)
     resume_path = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     resume_tensors, resume_state = checkpoints.load_checkpoint(resume_path) if resume_path else (None, None)
     init_vectors = None
@@ -622,7 +623,6 @@ def main(argv=None):
 
     # ---- Load
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
-    folder = resolve_model_folder(args)
     tokenizer, noise_scheduler, scheduler_state, scheduler_config, loaded = load_models(args, folder, weight_dtype)
     models = {name: loaded[name][0] for name in COMPONENTS}
     params = {name: loaded[name][1] for name in COMPONENTS}
@@ -759,6 +759,7 @@ def main(argv=None):
             pass
 
     logger.info("***** Running training *****")
+    logger.info("  frozen weights %s, learned vectors float32, VAE float32", jnp.dtype(weight_dtype).name)
     logger.info("  images = %d, examples per epoch = %d, hosts = %d, devices = %d (local %d)", dataset.num_images,
                 len(dataset), num_processes, global_devices, num_local)
     logger.info("  batch per device = %d, accumulation = %d, global batch = %d, steps = %d, seed = %d",

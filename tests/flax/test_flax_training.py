@@ -182,3 +182,50 @@ def test_pytorch_trainer_resumes_a_flax_checkpoint(runs, tiny_pipeline, train_im
     _, torch_three = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     # One AdamW step of lr 5e-3 with the restored moments: moved, by at most a few learning rates.
     assert 1e-4 < np.abs(torch_three - at_two).max() < 5 * 5e-3
+
+
+def test_transformers5_pipeline_trains_with_the_real_weights(runs, transformers5_pipeline, train_images,
+                                                              compile_cache, tmp_path):
+    """The same run on the transformers-5 (unprefixed) copy of the pipeline gives the same vectors: it
+    trained with the real text-encoder weights (random ones would give other vectors)."""
+    out = str(tmp_path / "transformers5")
+    proc = run_trainer(base_args(transformers5_pipeline, train_images, out, train_batch_size=2), devices=1,
+                       cache=compile_cache)
+    assert "text_model. prefix added" in proc.stderr
+    _, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    _, reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
+    np.testing.assert_array_equal(vectors, reference)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(runs, tiny_pipeline, train_images, compile_cache, tmp_path):
+    """2 micro-batches of 1 draw the same examples as 1 batch of 2 and average the same gradients."""
+    out = str(tmp_path / "accumulated")
+    run_trainer(base_args(tiny_pipeline, train_images, out, train_batch_size=1, gradient_accumulation_steps=2,
+                          checkpointing_steps=STEPS), devices=1, cache=compile_cache)
+    _, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    _, reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
+    np.testing.assert_allclose(vectors, reference, rtol=0, atol=1e-6)
+    state = json.load(open(os.path.join(out, f"checkpoint-{STEPS}", "training_state.json")))
+    assert state["global_batch"] == 2
+
+
+def test_bf16_schedule_and_scaled_lr(tiny_pipeline, train_images, compile_cache, tmp_path):
+    out = str(tmp_path / "bf16")
+    proc = run_trainer(base_args(tiny_pipeline, train_images, out, train_batch_size=1, gradient_accumulation_steps=2,
+                                 mixed_precision="bf16", lr_scheduler="cosine", lr_warmup_steps=1, max_train_steps=3,
+                                 scale_lr=True, checkpointing_steps=3),
+                       devices=2, cache=compile_cache)
+    assert "frozen weights bfloat16, learned vectors float32" in proc.stderr
+    token, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    assert vectors.dtype == np.float32 and np.isfinite(vectors).all()
+    state = json.load(open(os.path.join(out, "checkpoint-3", "training_state.json")))
+    # --scale_lr: x batch per device (1) x devices (2) x accumulation (2)
+    assert state["learning_rate"] == pytest.approx(5e-3 * 4) and state["global_batch"] == 4
+    # lr per step: 0 (warmup), 2e-2, 1e-2 (cosine): the vectors moved, by about the sum of those at most.
+    import jax.numpy as jnp
+    from transformers import CLIPTokenizer
+
+    _, te_params, _ = ti_flax.load_component(tiny_pipeline, "text_encoder", None, jnp.float32)
+    toy = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer").encode("toy", add_special_tokens=False)[0]
+    moved = np.abs(vectors - te_params["text_model"]["embeddings"]["token_embedding"]["embedding"][toy]).max()
+    assert 1e-3 < moved < 0.1

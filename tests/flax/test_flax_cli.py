@@ -1,0 +1,39 @@
+"""Flags of the shared parser that JAX cannot honour are refused in one line, before any model loads."""
+
+import subprocess
+import sys
+
+import pytest
+from flax_helpers import REPO, SCRIPT, base_args
+
+import textual_inversion_flax as ti_flax
+from textual_inversion_core.errors import UserError
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"enable_xformers_memory_efficient_attention": True}, "xFormers is a PyTorch library"),
+    ({"mixed_precision": "fp16"}, "use --mixed_precision bf16"),
+    ({"gradient_checkpointing": True}, "--gradient_checkpointing is not available in the Flax trainer"),
+    ({"local_rank": 0}, "set by torch launchers"),
+    ({"report_to": "comet_ml"}, "comet_ml is not supported by the Flax trainer"),
+])
+def test_flags_without_a_jax_meaning_are_refused(extra, message, tmp_path, train_images):
+    argv = base_args(str(tmp_path / "no-model"), train_images, str(tmp_path / "out"), **extra)
+    with pytest.raises(UserError, match=message):
+        ti_flax.main(argv)
+
+
+def test_refusal_is_one_line_with_exit_code_2(tmp_path, train_images):
+    argv = base_args(str(tmp_path / "no-model"), train_images, str(tmp_path / "out"),
+                     enable_xformers_memory_efficient_attention=True)
+    proc = subprocess.run([sys.executable, SCRIPT] + argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("textual_inversion_flax.py: error: --enable_xformers")
+
+
+def test_not_a_pipeline_folder_is_one_clear_error(tmp_path, train_images):
+    (tmp_path / "empty-model").mkdir()
+    argv = base_args(str(tmp_path / "empty-model"), train_images, str(tmp_path / "out"))
+    with pytest.raises(UserError, match="is not a Stable Diffusion pipeline folder"):
+        ti_flax.main(argv)
