@@ -1,0 +1,237 @@
+"""Crashes at any moment (kill -9 mid-save and at random times), exact resume, signals, non-finite
+loss: what a multi-hour run meets. Every assertion compares against an uninterrupted run."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from conftest import REPO, TRAIN_SCRIPT, base_args, run_script, write_images
+
+from textual_inversion_core import checkpoints
+
+TOKEN = "<cat-toy>"
+
+
+def final_vectors(out, name="learned_embeds.safetensors"):
+    return load_file(os.path.join(out, name))[TOKEN]
+
+
+def max_diff(a, b):
+    return float(np.abs(a - b).max())
+
+
+def start(argv, log_path, env=None):
+    """The trainer as a background process, stdout+stderr into log_path."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    full_env.update(env or {})
+    log = open(log_path, "w")
+    process = subprocess.Popen([sys.executable, TRAIN_SCRIPT] + list(argv), cwd=REPO, env=full_env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return process
+
+
+def wait_until(condition, process, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        assert process.poll() is None, f"trainer exited early with {process.returncode}"
+        time.sleep(0.02)
+    process.kill()
+    raise AssertionError("timed out waiting for the trainer")
+
+
+def log_has(log_path, text):
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        return text in f.read()
+
+
+def assert_everything_readable(out):
+    """What a crash may leave: complete checkpoint-N folders and complete embedding files only."""
+    for step, path in checkpoints.list_checkpoints(out):
+        tensors, state = checkpoints.load_checkpoint(path)
+        assert state["step"] == step and np.isfinite(tensors["vectors"]).all(), path
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if name.endswith(".safetensors"):
+            load_file(path)
+        elif name.endswith(".bin"):
+            torch.load(path, weights_only=True)
+        elif os.path.isfile(path):
+            assert name.startswith(".tmp-") or name.endswith(".txt") or name.endswith(".pt"), name
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 5 images, repeats 1: an epoch is 5 examples, so steps of 4 examples cross epoch boundaries mid-step.
+    return write_images(tmp_path_factory.mktemp("crash") / "images", count=5)
+
+
+# One setting shared by the reference and the interrupted runs: accumulation, 2 vectors, a schedule
+# with warmup that is still changing when the run is interrupted, and epochs ending inside a step.
+COMMON = dict(max_train_steps=8, train_batch_size=2, gradient_accumulation_steps=2, repeats=1, num_vectors=2,
+              lr_scheduler="cosine", lr_warmup_steps=3, learning_rate=5e-3, checkpointing_steps=1, save_steps=1)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pipeline, data, tmp_path_factory):
+    """The uninterrupted run, with a checkpoint after every step."""
+    out = str(tmp_path_factory.mktemp("reference") / "out")
+    result = run_script(base_args(tiny_pipeline, data, out, **COMMON))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_saving_does_not_change_the_result(tiny_pipeline, data, reference, tmp_path):
+    out = str(tmp_path / "out")
+    result = run_script(base_args(tiny_pipeline, data, out, **dict(COMMON, checkpointing_steps=0, save_steps=0)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max_diff(final_vectors(out), final_vectors(reference)) == 0.0
+
+
+@pytest.mark.parametrize("stop_at", [3, 5])
+def test_resume_mid_epoch_with_accumulation_is_exact(tiny_pipeline, data, reference, tmp_path, stop_at):
+    """Stopped after step 3 (example 12 = epoch 2, position 2) or 5: resumed result equals uninterrupted."""
+    full = reference
+    part = str(tmp_path / "part")
+    os.makedirs(part)
+    shutil.copytree(os.path.join(full, f"checkpoint-{stop_at}"), os.path.join(part, f"checkpoint-{stop_at}"))
+    resumed = run_script(base_args(tiny_pipeline, data, part, resume_from_checkpoint="latest", seed=None, **COMMON))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stop_at}" in resumed.stderr
+    diff = max_diff(final_vectors(part), final_vectors(reference))
+    print(f"resume at step {stop_at}: max |diff| = {diff:.3g}")
+    assert diff <= 1e-6
+    for step in range(stop_at + 1, 9):
+        a = checkpoints.load_checkpoint(os.path.join(full, f"checkpoint-{step}"))[0]
+        b = checkpoints.load_checkpoint(os.path.join(part, f"checkpoint-{step}"))[0]
+        for key in ("vectors", "exp_avg", "exp_avg_sq"):
+            assert max_diff(a[key], b[key]) <= 1e-6, (step, key)
+
+
+@pytest.mark.slow
+def test_kill_9_during_checkpoint_save_then_resume_latest(tiny_pipeline, data, reference, tmp_path):
+    settings = dict(COMMON, checkpointing_steps=2)
+    out = str(tmp_path / "out")
+    log = str(tmp_path / "killed.log")
+    argv = base_args(tiny_pipeline, data, out, **settings)
+    process = start(argv, log, env={"TEXTUAL_INVERSION_TEST_SAVE_PAUSE": "4:600"})
+
+    def checkpoint_4_written_not_renamed():
+        temps = [n for n in os.listdir(out) if n.startswith(".tmp-checkpoint-4-")] if os.path.isdir(out) else []
+        return any(os.path.isfile(os.path.join(out, t, checkpoints.STATE_JSON)) for t in temps)
+
+    wait_until(checkpoint_4_written_not_renamed, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(30)
+    assert process.returncode == -signal.SIGKILL
+
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2]  # the new one is invisible, the old intact
+    assert checkpoints.resolve_checkpoint(out, "latest").endswith("checkpoint-2")
+    assert_everything_readable(out)
+
+    resumed = run_script(base_args(tiny_pipeline, data, out, resume_from_checkpoint="latest", **settings))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 2" in resumed.stderr
+    diff = max_diff(final_vectors(out), final_vectors(reference))
+    print(f"kill -9 mid-save, resumed: max |diff| = {diff:.3g}")
+    assert diff <= 1e-6
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2, 4, 6, 8]
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_until_done(tiny_pipeline, data, reference, tmp_path):
+    """Saving every step, kill -9 at random times, resume latest each time: ends equal to uninterrupted."""
+    settings = COMMON  # a checkpoint and an embedding file after every step: many saves to hit
+    uninterrupted = reference
+    out = str(tmp_path / "out")
+    argv = base_args(tiny_pipeline, data, out, resume_from_checkpoint="latest", **settings)
+    rng = random.Random(int(os.environ.get("KILL_TEST_SEED", "0")))
+    outcomes = []
+    for attempt in range(12):
+        log = str(tmp_path / f"run-{attempt}.log")
+        latest = max([s for s, _ in checkpoints.list_checkpoints(out)], default=0)
+        process = start(argv, log)
+        # A random moment after the next step or the one after (steps, not seconds: machine speed varies);
+        # the first run dies before its first checkpoint, so "latest" must also cope with none.
+        target = rng.randint(latest + 1, min(latest + 2, settings["max_train_steps"]))
+        marker = "Running training" if attempt == 0 else f"checkpoint-{target}\n"
+        wait_until(lambda: log_has(log, marker) or process.poll() is not None, process)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait(60)
+        assert process.returncode in (0, -signal.SIGKILL), open(log).read()[-3000:]
+        if process.returncode == 0:
+            outcomes.append("finished")
+            break
+        steps = [s for s, _ in checkpoints.list_checkpoints(out)] if os.path.isdir(out) else []
+        mid_save = any(n.startswith(".tmp-") for n in os.listdir(out)) if os.path.isdir(out) else False
+        outcomes.append(f"killed after checkpoint-{max(steps, default=0)}" + (" (mid-write)" if mid_save else ""))
+        if os.path.isdir(out):
+            assert_everything_readable(out)
+        if steps and steps[-1] == settings["max_train_steps"]:
+            break  # only the final files are left to write: a last, uninterrupted resume does that
+    if outcomes[-1] != "finished":
+        last = run_script(argv)
+        assert last.returncode == 0, last.stderr[-3000:]
+        outcomes.append("finished by a last resume")
+    print("kill loop:", "; ".join(outcomes))
+    assert sum(o.startswith("killed") for o in outcomes) >= 1
+    diff = max_diff(final_vectors(out), final_vectors(uninterrupted))
+    print(f"kill loop: max |diff| = {diff:.3g}")
+    assert diff <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_checkpoint_and_embedding_then_resumes(tiny_pipeline, data, tmp_path, signum):
+    out = str(tmp_path / "out")
+    log = str(tmp_path / "run.log")
+    settings = dict(COMMON, max_train_steps=100000, checkpointing_steps=0, save_steps=0)
+    process = start(base_args(tiny_pipeline, data, out, **settings), log)
+    wait_until(lambda: log_has(log, "loss="), process)  # a step has been taken
+    process.send_signal(signum)
+    process.wait(120)
+    text = open(log, encoding="utf-8").read()
+    assert process.returncode != 0 and "Traceback" not in text, text[-3000:]
+    found = checkpoints.list_checkpoints(out)
+    assert len(found) == 1, os.listdir(out)
+    step, path = found[0]
+    assert step >= 1 and f"stopped by signal at step {step}" in text
+    tensors, state = checkpoints.load_checkpoint(path)
+    saved = final_vectors(out, f"learned_embeds-steps-{step}.safetensors")
+    assert np.array_equal(saved, tensors["vectors"])
+    assert not os.path.exists(os.path.join(out, "learned_embeds.safetensors"))  # the run is not finished
+    resumed = run_script(base_args(tiny_pipeline, data, out, resume_from_checkpoint="latest",
+                                   **dict(settings, max_train_steps=step + 1)))
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stderr, resumed.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_non_finite_stops_with_a_message_and_keeps_the_last_good_files(tiny_pipeline, data, tmp_path):
+    """lr 1e30: step 1 gives finite (huge) vectors, saved; step 2's loss overflows to nan and stops the run."""
+    out = str(tmp_path / "out")
+    message = "loss became nan at step 2"
+    settings = dict(COMMON, learning_rate=1e30, lr_scheduler="constant", lr_warmup_steps=0)
+    result = run_script(base_args(tiny_pipeline, data, out, **settings))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("textual_inversion.py: error:") and message in last_line, result.stderr[-2000:]
+    assert "--learning_rate" in last_line
+    good = [s for s, _ in checkpoints.list_checkpoints(out)]
+    assert good == [1]
+    assert_everything_readable(out)
+    for step in good:
+        assert np.isfinite(final_vectors(out, f"learned_embeds-steps-{step}.safetensors")).all()
+    assert not os.path.exists(os.path.join(out, "learned_embeds.safetensors"))
