@@ -11,6 +11,8 @@ RunInputs = collections.namedtuple("RunInputs", "dataset resume_path resume_tens
 
 
 def check_output_dir(path):
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # only the first process writes, so only it probes (and creates) the folder
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".tmp-write-test-{os.getpid()}")
