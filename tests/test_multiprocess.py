@@ -1,0 +1,142 @@
+"""Two processes (torchrun, gloo, CPU) with --train_batch_size 1 equal one process with batch 2:
+same vectors, same logged loss (the mean over ranks), and only rank 0 writes files."""
+
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import base_args, run_script
+
+# Measured on the tiny pipeline: 2-process vs 1-process vectors differ by ~2e-7 (float summation
+# order of the gradient all-reduce vs. the batch mean); the logged loss by ~1e-7.
+VECTOR_TOLERANCE = 2e-6
+LOSS_TOLERANCE = 1e-5
+
+# Runs the trainer as __main__ with an audit hook that records every write-like file operation under
+# the output folder, per rank, into AUDIT_DIR/rank-N.json at exit.
+AUDIT_WRAPPER = r'''
+import atexit, json, os, runpy, sys
+out = os.path.realpath(os.environ["AUDIT_OUTPUT_DIR"])
+rank = os.environ.get("RANK", "0")
+seen = []
+
+def inside(path):
+    try:
+        return os.path.realpath(os.fsdecode(path)).startswith(out)
+    except (TypeError, ValueError):
+        return False
+
+def hook(event, args):
+    if event == "open" and args[0] is not None and inside(args[0]):
+        mode, flags = args[1] or "r", args[2] or 0
+        if any(c in mode for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            seen.append([event, os.fsdecode(args[0])])
+    elif event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate") \
+            and args and isinstance(args[0], (str, bytes, os.PathLike)) and inside(args[0]):
+        seen.append([event, os.fsdecode(args[0])])
+
+@atexit.register
+def report():
+    with open(os.path.join(os.environ["AUDIT_DIR"], f"rank-{rank}.json"), "w") as f:
+        json.dump(seen, f)
+
+sys.addaudithook(hook)
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+def scalars(out, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(out, "logs", "textual_inversion"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def layout(out):
+    """Relative file paths, with TensorBoard's time-stamped folder and file names made comparable."""
+    names = []
+    for root, _, files in os.walk(out):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), out)
+            rel = re.sub(r"/\d+\.\d+/", "/<time>/", rel)
+            names.append(re.sub(r"events\.out\.tfevents\..*", "events.out.tfevents", rel))
+    return sorted(names)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation, num_vectors", [(1, 1), (2, 2)])
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_pipeline, train_images, tmp_path,
+                                                            accumulation, num_vectors):
+    settings = dict(max_train_steps=6, gradient_accumulation_steps=accumulation, num_vectors=num_vectors,
+                    checkpointing_steps=3, save_steps=3, report_to="tensorboard", lr_scheduler="cosine",
+                    lr_warmup_steps=2)
+    single = str(tmp_path / "single")
+    result = run_script(base_args(tiny_pipeline, train_images, single, train_batch_size=2, **settings))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    double = str(tmp_path / "double")
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    wrapper = tmp_path / "audited.py"
+    wrapper.write_text(AUDIT_WRAPPER)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(wrapper)]
+    env = {"ACCELERATE_USE_CPU": "1", "AUDIT_DIR": str(audit), "AUDIT_OUTPUT_DIR": double}
+    result = run_script(base_args(tiny_pipeline, train_images, double, train_batch_size=1, **settings),
+                        launcher=torchrun, env=env)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "processes = 2" in result.stderr and "global batch = " + str(2 * accumulation) in result.stderr
+
+    # The same vectors, at every saved step and at the end.
+    for name in ("learned_embeds-steps-3.safetensors", "learned_embeds.safetensors"):
+        a, b = (load_file(os.path.join(d, name))["<cat-toy>"] for d in (single, double))
+        diff = float(np.abs(a - b).max())
+        print(f"accumulation {accumulation}, {name}: max |1-process - 2-process| = {diff:.3g}")
+        assert diff <= VECTOR_TOLERANCE, (name, diff)
+    one_loss, two_loss = scalars(single, "loss"), scalars(double, "loss")
+    assert [s for s, _ in one_loss] == [s for s, _ in two_loss] == list(range(1, 7))
+    loss_diff = max(abs(a - b) for (_, a), (_, b) in zip(one_loss, two_loss))
+    print(f"accumulation {accumulation}: max logged-loss difference = {loss_diff:.3g}")
+    assert loss_diff <= LOSS_TOLERANCE  # the 1-process loss is the batch mean = the mean over the 2 ranks
+    assert scalars(single, "lr") == scalars(double, "lr")
+
+    # Only rank 0 writes: the same files as the single run, and rank 1 made no write-like call there.
+    assert layout(double) == layout(single)
+    rank0 = json.load(open(audit / "rank-0.json"))
+    rank1 = json.load(open(audit / "rank-1.json"))
+    assert any("learned_embeds.safetensors" in path for _, path in rank0), rank0  # the audit sees writes
+    assert rank1 == [], rank1
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_exactly(tiny_pipeline, train_images, tmp_path):
+    """A 2-process run stopped at step 3 and resumed with 2 processes equals the uninterrupted 1-process run."""
+    import shutil
+
+    settings = dict(max_train_steps=6, checkpointing_steps=3, report_to="none", lr_scheduler="linear",
+                    lr_warmup_steps=2, gradient_accumulation_steps=2)
+    single = str(tmp_path / "single")
+    result = run_script(base_args(tiny_pipeline, train_images, single, train_batch_size=2, **settings))
+    assert result.returncode == 0, result.stderr[-3000:]
+    part = str(tmp_path / "part")
+    os.makedirs(part)
+    shutil.copytree(os.path.join(single, "checkpoint-3"), os.path.join(part, "checkpoint-3"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = run_script(base_args(tiny_pipeline, train_images, part, train_batch_size=1,
+                                  resume_from_checkpoint="latest", **settings),
+                        launcher=torchrun, env={"ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "at step 3" in result.stderr
+    a, b = (load_file(os.path.join(d, "learned_embeds.safetensors"))["<cat-toy>"] for d in (single, part))
+    diff = float(np.abs(a - b).max())
+    print(f"1-process checkpoint resumed on 2 processes: max |diff| = {diff:.3g}")
+    assert diff <= VECTOR_TOLERANCE
