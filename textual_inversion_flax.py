@@ -87,7 +87,7 @@ def check_output_dir(path):
 
 
 def resolve_model_folder(args):
-    """A local pipeline folder for --pretrained_model_name_or_path (a hub id is downloaded first)."""
+    """A local pipeline folder for --pretrained_model_name_or_path (of a hub id, only the files used are fetched)."""
     model = args.pretrained_model_name_or_path
     if os.path.exists(model):
         if not os.path.isdir(model) or not (os.path.isfile(os.path.join(model, "model_index.json"))
@@ -96,36 +96,58 @@ def resolve_model_folder(args):
                             "(no model_index.json or unet/); point it at the folder that holds unet/, vae/, text_encoder/")
         return model
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
 
-        patterns = [f"{c}/*" for c in COMPONENTS + ("tokenizer", "scheduler")] + ["model_index.json"]
+        files = HfApi().list_repo_files(model, revision=args.revision, token=args.hub_token)
+        patterns = ["model_index.json", "tokenizer/*", "scheduler/*"]
+        for component in COMPONENTS:
+            patterns.append(f"{component}/config.json")
+            names = {f.split("/", 1)[1] for f in files if f.startswith(component + "/")}
+            choice = _weight_choice(names, args.variant)
+            if choice:  # else: the local check below names what is missing
+                patterns += [f"{component}/{name}" for name in choice[1]]
+                if choice[0] == "safetensors-index":
+                    stem = choice[1][0].split(".")[0]
+                    patterns.append(f"{component}/{stem}-*.safetensors")
         return snapshot_download(model, revision=args.revision, token=args.hub_token, allow_patterns=patterns)
     except Exception as err:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the model {model!r} ({first}); check the path or hub id and --revision") from err
 
 
-def _weight_file(folder, variant):
-    """(kind, path or [paths]) of the weights in a component folder: Flax first, then safetensors, then .bin."""
-    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+def _weight_choice(names, variant):
+    """(kind, [file names]) of the weights to use among a component folder's files, or None.
+    Flax weights first (no conversion), then safetensors (single or sharded), then .bin."""
     infix = f".{variant}" if variant else ""
     for stem in ("diffusion_flax_model", "flax_model"):  # diffusers' and transformers' names
         if f"{stem}{infix}.msgpack" in names:
-            return "flax", os.path.join(folder, f"{stem}{infix}.msgpack")
+            return "flax", [f"{stem}{infix}.msgpack"]
     for stem in ("diffusion_pytorch_model", "model"):
         if f"{stem}{infix}.safetensors" in names:
-            return "safetensors", [os.path.join(folder, f"{stem}{infix}.safetensors")]
-        index = f"{stem}{infix}.safetensors.index.json"
-        if index in names:
-            with open(os.path.join(folder, index), encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            return "safetensors", [os.path.join(folder, s) for s in shards]
+            return "safetensors", [f"{stem}{infix}.safetensors"]
+        if f"{stem}{infix}.safetensors.index.json" in names:
+            return "safetensors-index", [f"{stem}{infix}.safetensors.index.json"]
     for stem in ("diffusion_pytorch_model", "pytorch_model"):
         if f"{stem}{infix}.bin" in names:
-            return "bin", [os.path.join(folder, f"{stem}{infix}.bin")]
-    hint = f" with --variant {variant}" if variant else ""
-    raise UserError(f"no weights{hint} in {folder!r} (looked for *flax_model.msgpack, *.safetensors, *.bin); "
-                    "check the model folder" + (" and --variant" if variant else ""))
+            return "bin", [f"{stem}{infix}.bin"]
+    return None
+
+
+def _weight_file(folder, variant):
+    """(kind, path or [paths]) of the weights in a local component folder."""
+    choice = _weight_choice(set(os.listdir(folder)) if os.path.isdir(folder) else set(), variant)
+    if choice is None:
+        hint = f" with --variant {variant}" if variant else ""
+        raise UserError(f"no weights{hint} in {folder!r} (looked for *flax_model.msgpack, *.safetensors, *.bin); "
+                        "check the model folder" + (" and --variant" if variant else ""))
+    kind, names = choice
+    if kind == "flax":
+        return kind, os.path.join(folder, names[0])
+    if kind == "safetensors-index":
+        with open(os.path.join(folder, names[0]), encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return "safetensors", [os.path.join(folder, s) for s in shards]
+    return kind, [os.path.join(folder, names[0])]
 
 
 def read_pytorch_state(paths, kind):
@@ -593,7 +615,6 @@ def main(argv=None):
         jax.config.update("jax_default_matmul_precision", "tensorfloat32")
     import jax.numpy as jnp
     import optax
-    from flax import jax_utils
     from tqdm.auto import tqdm
 
     from textual_inversion import add_placeholder_tokens  # framework-free helper shared with the PyTorch script
@@ -637,7 +658,7 @@ def main(argv=None):
         raise UserError(f"--init_from {args.init_from!r} has width {init_vectors.shape[1]}, the text encoder needs {dim}")
     start = add_placeholder_rows(models["text_encoder"], params["text_encoder"], len(tokenizer), placeholder_ids,
                                  initializer_id, args.num_vectors, init_vectors)
-    frozen_host = {name: jax.tree.map(lambda x: jnp.asarray(x, weight_dtype), params[name])
+    frozen_host = {name: jax.tree.map(lambda x: np.asarray(x).astype(weight_dtype), params[name])
                    for name in ("text_encoder", "unet")}
     vae_params = jax.tree.map(jnp.asarray, params["vae"])
     del params
@@ -740,8 +761,7 @@ def main(argv=None):
     # reuses step 1's executable instead of compiling the step a second time.
     device_split = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("batch",)),
                                               jax.sharding.PartitionSpec("batch"))
-    replicated = jax_utils.replicate((vectors, opt_state, frozen_host, scheduler_state), devices=devices,
-                                     axis_name="batch")
+    replicated = replicate((vectors, opt_state, frozen_host, scheduler_state), devices, device_split)
     p_vectors, p_opt_state, p_frozen, p_scheduler_state = replicated
     del frozen_host
 
@@ -826,6 +846,22 @@ def main(argv=None):
         logger.info("wrote %s", ", ".join(os.path.basename(p) for p in written))
     trackers.close()
     return 0
+
+
+def replicate(tree, devices, sharding):
+    """One copy of every leaf on each device, as a [devices, ...] array laid out like pmap's outputs.
+
+    Copies go straight to their device: stacking first would put all of them on device 0 (or in host
+    memory) at once, which does not fit for SD-sized weights on 8 accelerators.
+    """
+    import jax
+
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        shards = [jax.device_put(x[None], d) for d in devices]
+        return jax.make_array_from_single_device_arrays((len(devices),) + tuple(x.shape), sharding, shards)
+
+    return jax.tree.map(put, tree)
 
 
 def _posterior(vae, vae_params, pixels):

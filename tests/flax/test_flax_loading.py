@@ -138,3 +138,50 @@ def test_example_keys_keep_all_64_seed_bits():
             np.testing.assert_array_equal(ti_flax.raw_prng_key(seed), np.asarray(jax.random.PRNGKey(seed)))
     # Seeds that differ only in their high word give different keys (PRNGKey without x64 would not).
     assert not np.array_equal(ti_flax.raw_prng_key(2**40 + 1), ti_flax.raw_prng_key(1))
+
+
+def test_sharded_safetensors_load_like_one_file(tiny_pipeline, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    folder = str(tmp_path / "sharded")
+    shutil.copytree(tiny_pipeline, folder)
+    te_dir = os.path.join(folder, "text_encoder")
+    state = load_file(os.path.join(te_dir, "model.safetensors"))
+    os.unlink(os.path.join(te_dir, "model.safetensors"))
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, shard_keys in shards.items():
+        save_file({k: state[k] for k in shard_keys}, os.path.join(te_dir, name))
+    with open(os.path.join(te_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
+    _, sharded, _ = _load(folder, "text_encoder")
+    _, single, _ = _load(tiny_pipeline, "text_encoder")
+    assert flatten_dict(sharded).keys() == flatten_dict(single).keys()
+    for key, value in flatten_dict(single).items():
+        np.testing.assert_array_equal(flatten_dict(sharded)[key], value)
+
+
+def test_weight_choice_prefers_flax_then_safetensors_then_bin():
+    assert ti_flax._weight_choice({"diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors"}, None) \
+        == ("flax", ["diffusion_flax_model.msgpack"])
+    assert ti_flax._weight_choice({"pytorch_model.bin", "model.safetensors"}, None) == ("safetensors", ["model.safetensors"])
+    assert ti_flax._weight_choice({"model.fp16.safetensors", "model.safetensors"}, "fp16") \
+        == ("safetensors", ["model.fp16.safetensors"])
+    assert ti_flax._weight_choice({"pytorch_model.bin"}, None) == ("bin", ["pytorch_model.bin"])
+    assert ti_flax._weight_choice({"config.json"}, None) is None
+
+
+def test_unreachable_hub_id_is_one_clear_error(tmp_path, train_images):
+    import subprocess
+    import sys
+
+    from flax_helpers import REPO, SCRIPT, base_args
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    argv = base_args("nobody-here/no-such-model", train_images, str(tmp_path / "out"))
+    proc = subprocess.run([sys.executable, SCRIPT] + argv, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("textual_inversion_flax.py: error: cannot load the model 'nobody-here/no-such-model'")

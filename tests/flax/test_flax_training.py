@@ -229,3 +229,36 @@ def test_bf16_schedule_and_scaled_lr(tiny_pipeline, train_images, compile_cache,
     toy = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer").encode("toy", add_special_tokens=False)[0]
     moved = np.abs(vectors - te_params["text_model"]["embeddings"]["token_embedding"]["embedding"][toy]).max()
     assert 1e-3 < moved < 0.1
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tiny_pipeline, train_images, compile_cache, tmp_path):
+    """SIGTERM: the step in flight finishes, checkpoint-N and learned_embeds-steps-N are written, exit 130;
+    --resume_from_checkpoint latest then finishes the run."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = str(tmp_path / "stopped")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    log_path = str(tmp_path / "stderr.txt")
+    argv = base_args(tiny_pipeline, train_images, out, train_batch_size=2, max_train_steps=400)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, SCRIPT] + argv, env=env, stderr=log, stdout=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and not re.search(r"\b[2-9]/400\b", open(log_path).read()):
+            assert proc.poll() is None, open(log_path).read()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 130, open(log_path).read()[-3000:]
+    (step,) = [int(n.split("-")[1]) for n in os.listdir(out) if n.startswith("checkpoint-")]
+    assert 2 <= step < 400
+    assert os.path.isfile(os.path.join(out, f"learned_embeds-steps-{step}.safetensors"))
+    assert not os.path.exists(os.path.join(out, "learned_embeds.safetensors"))  # the run is not finished
+    proc = run_trainer(base_args(tiny_pipeline, train_images, out, train_batch_size=2, max_train_steps=step + 1,
+                                 resume_from_checkpoint="latest"), devices=1, cache=compile_cache)
+    assert f"at step {step}" in proc.stderr
+    assert os.path.isfile(os.path.join(out, "learned_embeds.safetensors"))
