@@ -2,7 +2,6 @@
 nothing half-written in output_dir; awkward but valid images (modes, EXIF, size, names) train."""
 
 import os
-import resource
 import struct
 import subprocess
 import sys

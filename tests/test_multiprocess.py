@@ -4,18 +4,24 @@ same vectors, same logged loss (the mean over ranks), and only rank 0 writes fil
 import json
 import os
 import re
+import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import base_args, run_script
+from conftest import TRAIN_SCRIPT, base_args, run_script
 
-# Measured on the tiny pipeline: 2-process vs 1-process vectors differ by ~2e-7 (float summation
-# order of the gradient all-reduce vs. the batch mean); the logged loss by ~1e-7.
-VECTOR_TOLERANCE = 2e-6
-LOSS_TOLERANCE = 1e-5
+from textual_inversion_core import checkpoints
+
+# Measured on the tiny pipeline: 2-process vs 1-process vectors differ by at most 1.2e-7 (summation
+# order of the gradient all-reduce vs. the batch mean), the logged loss by 1.2e-7 (1 ulp); both limits are 1e-6.
+VECTOR_TOLERANCE = 1e-6
+LOSS_TOLERANCE = 1e-6
 
 # Runs the trainer as __main__ with an audit hook that records every write-like file operation under
 # the output folder, per rank, into AUDIT_DIR/rank-N.json at exit.
@@ -119,9 +125,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_pipeline, train
 
 @pytest.mark.slow
 def test_two_process_run_resumes_exactly(tiny_pipeline, train_images, tmp_path):
-    """A 2-process run stopped at step 3 and resumed with 2 processes equals the uninterrupted 1-process run."""
-    import shutil
-
+    """A 1-process run's checkpoint-3, resumed with 2 processes, ends equal to the uninterrupted 1-process run."""
     settings = dict(max_train_steps=6, checkpointing_steps=3, report_to="none", lr_scheduler="linear",
                     lr_warmup_steps=2, gradient_accumulation_steps=2)
     single = str(tmp_path / "single")
@@ -140,3 +144,31 @@ def test_two_process_run_resumes_exactly(tiny_pipeline, train_images, tmp_path):
     diff = float(np.abs(a - b).max())
     print(f"1-process checkpoint resumed on 2 processes: max |diff| = {diff:.3g}")
     assert diff <= VECTOR_TOLERANCE
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step(tiny_pipeline, train_images, tmp_path):
+    """torchrun forwards SIGTERM to both workers; they agree on the step, rank 0 saves, resume works."""
+    out = str(tmp_path / "out")
+    log_path = str(tmp_path / "run.log")
+    settings = dict(max_train_steps=100000, checkpointing_steps=0, save_steps=0, train_batch_size=1)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN_SCRIPT]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command + base_args(tiny_pipeline, train_images, out, **settings), env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while "loss=" not in open(log_path, encoding="utf-8", errors="replace").read():
+        assert process.poll() is None and time.monotonic() < deadline, open(log_path).read()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    process.wait(120)
+    text = open(log_path, encoding="utf-8", errors="replace").read()
+    stopped = re.findall(r"stopped by signal at step (\d+)", text)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], text[-3000:]  # each rank says so, at the same step
+    step = int(stopped[0])
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [step]
+    assert os.path.isfile(os.path.join(out, f"learned_embeds-steps-{step}.safetensors"))
+    resumed = run_script(base_args(tiny_pipeline, train_images, out, resume_from_checkpoint="latest",
+                                   **dict(settings, max_train_steps=step + 1, train_batch_size=2)))
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stderr, resumed.stderr[-3000:]
