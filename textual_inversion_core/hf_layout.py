@@ -25,9 +25,16 @@ def add_text_model_prefix(folder):
 
 
 def move_into(staging, destination):
-    """Move every entry of staging into destination (replacing same-named ones), then drop staging."""
+    """Move every entry of staging into destination (replacing same-named ones), then drop staging.
+
+    model_index.json, which makes a folder loadable as a pipeline, is removed first and moved in last:
+    a crash half-way leaves a folder that cannot be mistaken for a complete pipeline.
+    """
     os.makedirs(destination, exist_ok=True)
-    for name in os.listdir(staging):
+    marker = "model_index.json"
+    if os.path.exists(os.path.join(staging, marker)) and os.path.exists(os.path.join(destination, marker)):
+        os.unlink(os.path.join(destination, marker))
+    for name in sorted(os.listdir(staging), key=lambda entry: entry == marker):
         target = os.path.join(destination, name)
         if os.path.isdir(target) and not os.path.islink(target):
             shutil.rmtree(target)
