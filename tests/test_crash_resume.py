@@ -235,3 +235,38 @@ def test_non_finite_stops_with_a_message_and_keeps_the_last_good_files(tiny_pipe
     for step in good:
         assert np.isfinite(final_vectors(out, f"learned_embeds-steps-{step}.safetensors")).all()
     assert not os.path.exists(os.path.join(out, "learned_embeds.safetensors"))
+
+
+def test_full_pipeline_is_loadable_only_once_completely_moved_in(tmp_path, monkeypatch):
+    """--save_as_full_pipeline moves several folders into output_dir; a crash between two of the moves
+    must leave no model_index.json, so the half-replaced folder is not taken for a pipeline."""
+    from textual_inversion_core import hf_layout
+
+    def make(folder, version):
+        for sub in ("text_encoder", "unet", "vae", "tokenizer"):
+            os.makedirs(os.path.join(folder, sub))
+            open(os.path.join(folder, sub, "weights"), "w").write(version)
+        open(os.path.join(folder, "model_index.json"), "w").write(version)
+
+    out, staging = str(tmp_path / "out"), str(tmp_path / "out" / ".tmp-pipeline")
+    make(out, "old")
+    make(staging, "new")
+    real_rename, calls = os.rename, []
+
+    def crash_on_third_move(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(hf_layout.os, "rename", crash_on_third_move)
+    with pytest.raises(KeyboardInterrupt):
+        hf_layout.move_into(staging, out)
+    assert not os.path.exists(os.path.join(out, "model_index.json"))
+    monkeypatch.setattr(hf_layout.os, "rename", real_rename)
+
+    make(staging + "-2", "newer")  # the rerun (resume latest) writes the pipeline again
+    hf_layout.move_into(staging + "-2", out)
+    assert open(os.path.join(out, "model_index.json")).read() == "newer"
+    assert all(open(os.path.join(out, s, "weights")).read() == "newer" for s in ("text_encoder", "unet", "vae"))
+    assert not os.path.exists(staging + "-2")
