@@ -609,6 +609,9 @@ def main(argv=None):
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         # Several hosts: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID describe the job.
+        # CPU devices need gloo for cross-process collectives (accelerators have their own).
+        jax.config.update("jax_cpu_collectives_implementation",
+                          os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo"))
         jax.distributed.initialize(num_processes=int(os.environ["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in os.environ else None,
                                    process_id=int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None)
     if args.allow_tf32:
@@ -756,7 +759,7 @@ def main(argv=None):
 
     loss_fn = make_denoising_loss(models["text_encoder"], models["unet"], noise_scheduler, placeholder_ids, weight_dtype)
     train_step = jax.pmap(make_train_step(loss_fn, optimizer, scaling_factor, latent_shape, num_timesteps),
-                          axis_name="batch", donate_argnums=(0, 1), devices=devices)
+                          axis_name="batch", donate_argnums=(0, 1))  # all hosts' devices: pmean spans them
     # Inputs laid out exactly as pmap lays out its outputs (same mesh axis name), so that step 2
     # reuses step 1's executable instead of compiling the step a second time.
     device_split = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("batch",)),
