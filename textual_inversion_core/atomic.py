@@ -5,6 +5,8 @@ import os
 import shutil
 import tempfile
 
+from .errors import UserError
+
 
 def _fsync_dir(path):
     try:
@@ -19,12 +21,21 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _write_error(path, err):
+    """A failed write (disk full, quota, permissions) as one line; what was saved before is intact."""
+    return UserError(f"cannot write {path!r} ({err.strerror or err}); free disk space or write elsewhere "
+                     "(--output_dir). Files written before are intact: a run resumes with --resume_from_checkpoint latest")
+
+
 @contextlib.contextmanager
 def atomic_path(final_path):
     """Yield a temporary path in the same folder; on success it is fsynced and renamed to final_path."""
     folder = os.path.dirname(os.path.abspath(final_path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(final_path) + "-", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(final_path) + "-", dir=folder)
+    except OSError as err:
+        raise _write_error(final_path, err) from err
     os.close(fd)
     try:
         yield tmp
@@ -32,6 +43,8 @@ def atomic_path(final_path):
             os.fsync(f.fileno())
         os.replace(tmp, final_path)
         _fsync_dir(folder)
+    except OSError as err:
+        raise _write_error(final_path, err) from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -54,8 +67,11 @@ def atomic_dir(final_dir):
     Temporary folders start with '.tmp-' so that nothing listing checkpoints ever sees them.
     """
     parent = os.path.dirname(os.path.abspath(final_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final_dir) + "-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final_dir) + "-", dir=parent)
+    except OSError as err:
+        raise _write_error(final_dir, err) from err
     try:
         yield tmp
         for root, _, files in os.walk(tmp):
@@ -72,6 +88,8 @@ def atomic_dir(final_dir):
         else:
             os.rename(tmp, final_dir)
         _fsync_dir(parent)
+    except OSError as err:
+        raise _write_error(final_dir, err) from err
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

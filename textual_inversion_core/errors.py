@@ -29,5 +29,13 @@ def run_cli(main, argv=None):
     try:
         return main(argv)
     except UserError as err:
+        _close_progress_bars()
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def _close_progress_bars():
+    """Close live tqdm bars now: closed at exit instead, they would print below the error line."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ())):
+        bar.close()
