@@ -270,3 +270,31 @@ def test_full_pipeline_is_loadable_only_once_completely_moved_in(tmp_path, monke
     assert open(os.path.join(out, "model_index.json")).read() == "newer"
     assert all(open(os.path.join(out, s, "weights")).read() == "newer" for s in ("text_encoder", "unet", "vae"))
     assert not os.path.exists(staging + "-2")
+
+
+@pytest.mark.slow
+def test_disk_full_while_saving_is_one_line_and_keeps_earlier_files(tiny_pipeline, data, tmp_path):
+    """A file-size limit of 1000 bytes (like a full disk: writes fail with an OSError) lets checkpoint-1
+    (~600 bytes) through and stops learned_embeds-steps-2.bin (~1.7 kB)."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+    out = str(tmp_path / "out")
+    settings = dict(COMMON, num_vectors=1, checkpointing_steps=1, save_steps=2, max_train_steps=4)
+    # Under the limit every write elsewhere would be cut short too: no bytecode, caches in tmp_path.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1",
+               HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "hf"),
+               TMPDIR=str(tmp_path))
+    result = subprocess.run([sys.executable, TRAIN_SCRIPT] + base_args(tiny_pipeline, data, out, **settings),
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("textual_inversion.py: error: cannot write") and "learned_embeds-steps-2.bin" in last
+    assert sorted(os.listdir(out)) == ["checkpoint-1"]  # no temporary file left behind either
+    assert_everything_readable(out)
+    resumed = run_script(base_args(tiny_pipeline, data, out, resume_from_checkpoint="latest", **settings))
+    assert resumed.returncode == 0 and "at step 1" in resumed.stderr, resumed.stderr[-3000:]
