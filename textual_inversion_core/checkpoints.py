@@ -64,6 +64,7 @@ def save_checkpoint(output_dir, step, tensors, state, total_limit=None):
 
     final = os.path.join(output_dir, checkpoint_name(step))
     payload = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+    remove_crash_leftovers(output_dir)
     with atomic.atomic_dir(final) as tmp:
         with open(os.path.join(tmp, STATE_TENSORS), "wb") as f:
             f.write(save(payload))
@@ -73,6 +74,14 @@ def save_checkpoint(output_dir, step, tensors, state, total_limit=None):
     if total_limit is not None:
         rotate_checkpoints(output_dir, total_limit)
     return final
+
+
+def remove_crash_leftovers(output_dir):
+    """Delete temporary checkpoint folders that a killed run left behind (never listed, never resumed)."""
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 def _test_pause_before_rename(step):
