@@ -3,6 +3,8 @@
 import collections
 import os
 
+import numpy as np
+
 from . import checkpoints, embeddings
 from .data import TextualInversionDataset
 from .errors import UserError
@@ -35,6 +37,9 @@ def load_run_inputs(args):
     init_vectors = None
     if args.init_from:
         _, init_vectors = embeddings.read_embedding(args.init_from)
+        if not np.isfinite(init_vectors).all():
+            raise UserError(f"--init_from {args.init_from!r} contains NaN or infinite values; use an embedding from a "
+                            "run that did not diverge")
         if init_vectors.shape[0] != args.num_vectors:
             raise UserError(f"--init_from {args.init_from!r} has {init_vectors.shape[0]} vectors but --num_vectors is "
                             f"{args.num_vectors}; pass --num_vectors {init_vectors.shape[0]}")
