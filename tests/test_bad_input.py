@@ -407,6 +407,22 @@ def test_resume_from_corrupt_checkpoint(tiny_pipeline, train_images, completed_r
     assert files_under(out) == before
 
 
+@pytest.mark.parametrize("kind, needle", [("missing", "does not exist"), ("nan", "NaN or infinite"),
+                                          ("wrong_count", "pass --num_vectors 2"), ("wrong_width", "width 7")])
+def test_init_from_bad_embedding(tiny_pipeline, train_images, tmp_path, kind, needle):
+    from safetensors.numpy import save_file
+
+    path = str(tmp_path / "start.safetensors")
+    vectors = {"nan": np.full((1, 32), np.nan, np.float32), "wrong_count": np.zeros((2, 32), np.float32),
+               "wrong_width": np.zeros((1, 7), np.float32)}.get(kind)
+    if vectors is not None:
+        save_file({"<old>": vectors}, path)
+    out = str(tmp_path / "out")
+    assert_one_line_error(run_bad(tiny_pipeline, train_images, out, init_from=path), "--init_from" if kind != "missing"
+                          else "start.safetensors", needle)
+    assert files_under(out) == set()
+
+
 def test_output_dir_under_a_regular_file(tiny_pipeline, train_images, tmp_path):
     """As root every folder is writable, so make the path impossible: its parent is a file."""
     blocker = tmp_path / "a-file"

@@ -147,6 +147,7 @@ def test_kill_9_during_checkpoint_save_then_resume_latest(tiny_pipeline, data, r
     print(f"kill -9 mid-save, resumed: max |diff| = {diff:.3g}")
     assert diff <= 1e-6
     assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2, 4, 6, 8]
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]  # the killed save's folder is cleaned up
 
 
 @pytest.mark.slow
