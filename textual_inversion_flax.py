@@ -586,6 +586,15 @@ def save_full_pipeline(args, output_dir, models, params, tokenizer, scheduler_co
 
 
 def main(argv=None):
+    previous_handlers = {}
+    try:
+        return train(argv, previous_handlers)
+    finally:  # an in-process caller (tests, notebooks) gets its own SIGINT/SIGTERM handling back
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+
+def train(argv, previous_handlers):
     args = parse_args(argv, prog="textual_inversion_flax.py")
 
     # ---- Checks that need no model: fail in seconds, not after loading gigabytes.
@@ -777,7 +786,7 @@ def main(argv=None):
     stop_signal = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+            previous_handlers[sig] = signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
         except ValueError:  # not the main thread (e.g. under a test harness)
             pass
 

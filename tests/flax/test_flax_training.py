@@ -213,9 +213,15 @@ def test_bf16_schedule_and_scaled_lr(tiny_pipeline, train_images, compile_cache,
     out = str(tmp_path / "bf16")
     proc = run_trainer(base_args(tiny_pipeline, train_images, out, train_batch_size=1, gradient_accumulation_steps=2,
                                  mixed_precision="bf16", lr_scheduler="cosine", lr_warmup_steps=1, max_train_steps=3,
-                                 scale_lr=True, checkpointing_steps=3),
+                                 scale_lr=True, checkpointing_steps=3, validation_prompt="a <cat-toy> toy",
+                                 num_validation_images=2, validation_steps=3),
                        devices=2, cache=compile_cache)
     assert "frozen weights bfloat16, learned vectors float32" in proc.stderr
+    from PIL import Image
+
+    for i in range(2):  # sampling works with bf16 weights too
+        with Image.open(os.path.join(out, "validation", f"step-000003-{i}.png")) as image:
+            assert image.size == (64, 64) and np.asarray(image).std() > 0
     token, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     assert vectors.dtype == np.float32 and np.isfinite(vectors).all()
     state = json.load(open(os.path.join(out, "checkpoint-3", "training_state.json")))
@@ -291,3 +297,36 @@ def test_two_hosts_equal_one_host(runs, tiny_pipeline, train_images, compile_cac
     _, reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
     # Cross-process (gloo) sums add in another order than in-process ones: agreement to float32 rounding.
     np.testing.assert_allclose(vectors, reference, rtol=0, atol=2e-6)
+
+
+def test_push_to_hub_uploads_card_pipeline_and_no_token(tiny_pipeline, train_images, compile_cache, tmp_path,
+                                                       monkeypatch):
+    """--push_to_hub (hub calls replaced by recorders: no network here): preflight before training, then the
+    model card, the embedding and a Flax pipeline are uploaded; the token is in no written file."""
+    import jax
+
+    from textual_inversion_core import hub
+
+    jax.config.update("jax_compilation_cache_dir", compile_cache)
+    calls = []
+    monkeypatch.setattr(hub, "preflight", lambda args: calls.append(("preflight", args.hub_token)) or "me/cat-toy")
+    monkeypatch.setattr(hub, "upload", lambda folder, repo, token=None: calls.append(("upload", folder, repo, token)))
+    secret = "hf_secretTOKEN0123456789"
+    out = str(tmp_path / "pushed")
+    import signal
+
+    handlers_before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    code = ti_flax.main(base_args(tiny_pipeline, train_images, out, train_batch_size=2, max_train_steps=1,
+                                  push_to_hub=True, hub_token=secret))
+    assert code == 0
+    assert calls == [("preflight", secret), ("upload", out, "me/cat-toy", secret)]
+    card = open(os.path.join(out, "README.md")).read()
+    assert "me/cat-toy" in card and "<cat-toy>" in card and "textual_inversion" in card
+    for name in ("learned_embeds.safetensors", "model_index.json", "text_encoder/flax_model.msgpack"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    for folder, _, files in os.walk(out):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                assert secret.encode() not in f.read(), name
+    # main() gave the signal handlers of the calling process back.
+    assert signal.getsignal(signal.SIGINT) is handlers_before[0] and signal.getsignal(signal.SIGTERM) is handlers_before[1]
