@@ -533,37 +533,50 @@ def build_pipeline(models, tokenizer, scheduler):
                                        feature_extractor=None)
 
 
-def run_validation(args, models, params, tokenizer, scheduler_config, step, trackers):
-    """Sample num_validation_images with the current vectors (25 DPM-Solver steps, as the PyTorch script)."""
-    import jax
-    import jax.numpy as jnp
+class Validator:
+    """Samples num_validation_images with the current vectors (25 DPM-Solver steps, as the PyTorch script).
 
-    from diffusers import FlaxDPMSolverMultistepScheduler
+    The sampling function is jitted once and reused by every validation round (the params are its
+    arguments, so new vectors need no recompilation).
+    """
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scheduler = FlaxDPMSolverMultistepScheduler.from_config(scheduler_config)
-    pipeline = build_pipeline(models, tokenizer, scheduler)
-    params = dict(params, scheduler=scheduler.create_state())
-    prompt_ids = pipeline.prepare_inputs([args.validation_prompt] * args.num_validation_images)
-    rng = jax.random.PRNGKey(args.seed or 0)
-    import flax.linen as nn
+    def __init__(self, args, models, tokenizer, scheduler_config):
+        import jax
+        import jax.numpy as jnp
 
-    with nn.intercept_methods(exact_gelu_interceptor):  # the UNet as trained, see exact_gelu_interceptor
-        # guidance as a 0-d array: a Python float is broadcast wrongly for batches > 1 when jit=False.
-        output = pipeline(prompt_ids, params, rng, num_inference_steps=25, height=args.resolution,
-                          width=args.resolution, guidance_scale=jnp.asarray(7.5, jnp.float32), jit=False)
-    images = pipeline.numpy_to_pil(np.asarray(output.images))
-    folder = os.path.join(args.output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        path = os.path.join(folder, f"step-{step:06d}-{i}.png")
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
-        paths.append(path)
-    trackers.images([np.asarray(im) for im in images], step)
-    return paths
+        from diffusers import FlaxDPMSolverMultistepScheduler
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.scheduler = FlaxDPMSolverMultistepScheduler.from_config(scheduler_config)
+        self.pipeline = build_pipeline(models, tokenizer, self.scheduler)
+        self.args = args
+        self.prompt_ids = jnp.asarray(self.pipeline.prepare_inputs([args.validation_prompt] * args.num_validation_images))
+        self.generate = jax.jit(self.pipeline._generate, static_argnums=(3, 4, 5))
+
+    def __call__(self, params, step, trackers):
+        import flax.linen as nn
+        import jax
+        import jax.numpy as jnp
+
+        args = self.args
+        params = dict(params, scheduler=self.scheduler.create_state())
+        rng = jax.random.PRNGKey(args.seed or 0)
+        with nn.intercept_methods(exact_gelu_interceptor):  # the UNet as trained, see exact_gelu_interceptor
+            # guidance as a 0-d array: FlaxStableDiffusionPipeline broadcasts a list wrongly for batches > 1.
+            images = self.generate(self.prompt_ids, params, rng, 25, args.resolution, args.resolution,
+                                   jnp.asarray(7.5, jnp.float32))
+        images = self.pipeline.numpy_to_pil(np.asarray(images))
+        folder = os.path.join(args.output_dir, "validation")
+        os.makedirs(folder, exist_ok=True)
+        paths = []
+        for i, image in enumerate(images):
+            path = os.path.join(folder, f"step-{step:06d}-{i}.png")
+            with atomic_path(path) as tmp:
+                image.save(tmp, format="PNG")
+            paths.append(path)
+        trackers.images([np.asarray(im) for im in images], step)
+        return paths
 
 
 def save_full_pipeline(args, output_dir, models, params, tokenizer, scheduler_config):
@@ -783,6 +796,7 @@ def train(argv, previous_handlers):
         te = merged_text_encoder_params(frozen["text_encoder"], placeholder_ids, p_vectors[0])
         return {"text_encoder": te, "unet": frozen["unet"], "vae": vae_params}
 
+    validator = None
     stop_signal = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -833,7 +847,8 @@ def train(argv, previous_handlers):
                                                    args.checkpoints_total_limit)
                 logger.info("saved %s", path)
             if args.validation_prompt and validation_steps and global_step % validation_steps == 0:
-                run_validation(args, models, unreplicated_params(), tokenizer, scheduler_config, global_step, trackers)
+                validator = validator or Validator(args, models, tokenizer, scheduler_config)
+                validator(unreplicated_params(), global_step, trackers)
         if interrupted and not last:
             logger.warning("stopped by signal at step %d; resume with --resume_from_checkpoint latest", global_step)
             trackers.close()
