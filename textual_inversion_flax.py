@@ -256,6 +256,10 @@ def load_component(folder, name, variant, dtype):
 
         with open(paths, "rb") as f:
             flat = {k: np.asarray(v, dtype=np.float32) for k, v in flatten_dict(msgpack_restore(f.read())).items()}
+        extra = ["/".join(k) for k in flat if k not in expected]
+        if extra:
+            logger.warning("%s: %d stored arrays are not parameters of the model and are ignored (e.g. %s)",
+                           where, len(extra), ", ".join(extra[:3]))
         flat = {k: v for k, v in flat.items() if k in expected}
         note = "Flax weights"
     else:
@@ -314,7 +318,9 @@ def load_models(args, folder, weight_dtype):
         dtype = jnp.float32 if name == "vae" else weight_dtype
         try:
             loaded[name] = load_component(folder, name, args.variant, dtype)
-        except (OSError, ValueError, KeyError) as err:
+        except UserError:
+            raise
+        except Exception as err:  # unreadable/corrupt files of any library: one line, not a traceback
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             raise UserError(f"cannot load {name} from {folder!r} ({first}); check the model folder") from err
         logger.info("%s: %s", name, loaded[name][2])

@@ -43,3 +43,15 @@ def test_diverging_run_stops_with_a_clear_error_and_writes_nothing(tiny_pipeline
     # Step 1 is still finite (and saved); the step that diverged saved nothing and no final file exists.
     assert "learned_embeds.safetensors" not in written
     assert all(not n.startswith("checkpoint-") or n == "checkpoint-1" for n in written), written
+
+
+def test_corrupt_weight_file_is_named(tiny_pipeline, train_images, tmp_path):
+    import shutil
+
+    folder = str(tmp_path / "corrupt")
+    shutil.copytree(tiny_pipeline, folder)
+    path = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(UserError, match=r"cannot load unet from .*corrupt"):
+        ti_flax.main(base_args(folder, train_images, str(tmp_path / "out")))
