@@ -286,9 +286,16 @@ def test_two_hosts_equal_one_host(runs, tiny_pipeline, train_images, compile_cac
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
         argv = base_args(tiny_pipeline, train_images, outs[rank], train_batch_size=1)
-        procs.append(subprocess.Popen([sys.executable, SCRIPT] + argv, env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True))
-    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+        # Logs to files, not pipes: a full pipe would stall one host and with it the other.
+        with open(tmp_path / f"host{rank}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, SCRIPT] + argv, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=log))
+    try:
+        results = [(p.wait(timeout=600), (tmp_path / f"host{rank}.log").read_text()) for rank, p in enumerate(procs)]
+    finally:
+        for p in procs:  # one host failing leaves the other waiting for it: do not leak it
+            if p.poll() is None:
+                p.kill()
     for code, stderr in results:
         assert code == 0, stderr[-3000:]
     assert "hosts = 2, devices = 2 (local 1)" in results[0][1]
