@@ -4,9 +4,11 @@ Vectors travel as numpy float32 arrays [num_vectors, dim]. Pickle-based formats 
 torch and import it only when used; they are read with ``weights_only=True``.
 """
 
+import dataclasses
 import io
 import os
 import re
+from typing import Optional
 
 import numpy as np
 
@@ -84,7 +86,7 @@ def write_kohya(path, token, vectors, step, base_model):
     from safetensors.numpy import save
 
     vectors = _as_float32(vectors)
-    metadata = {"base_model": str(base_model), "token": token, "num_vectors": str(vectors.shape[0]),
+    metadata = {"base_model": str(base_model or ""), "token": token, "num_vectors": str(vectors.shape[0]),
                 "dim": str(vectors.shape[1]), "steps": str(int(step))}
     atomic.write_bytes(path, save({"emb_params": vectors}, metadata=metadata))
     return path
@@ -120,31 +122,64 @@ def _to_numpy(value):
     return np.asarray(value, dtype=np.float32)
 
 
-def read_embedding(path, expected_dim=None):
-    """Read any supported embedding file. Returns (token or None, float32 [num_vectors, dim]).
+def _int_or_none(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclasses.dataclass
+class EmbeddingFile:
+    """What an embedding file holds. kind: diffusers, a1111, kohya, clip (SDXL clip_l/clip_g) or raw."""
+
+    vectors: np.ndarray
+    token: Optional[str] = None
+    step: Optional[int] = None
+    base_model: Optional[str] = None
+    kind: str = "raw"
+
+
+def load_embedding(path, expected_dim=None):
+    """Read any supported embedding file into an EmbeddingFile (vectors float32 [num_vectors, dim]).
 
     Accepted: diffusers {token: tensor} (1-D or 2-D), A1111 .pt (string_to_param), kohya/ComfyUI
-    {"emb_params": ...}, SDXL-style {"clip_l", "clip_g"} (the part whose width is expected_dim),
-    and a raw tensor.
+    {"emb_params": ...} (token and steps from its metadata), SDXL-style {"clip_l", "clip_g"} (the part
+    whose width is expected_dim; clip_l when no width is given), and a raw tensor.
     """
     if not os.path.isfile(path):
         raise UserError(f"embedding file {path!r} does not exist")
+    metadata = {}
     if path.endswith(".safetensors"):
+        from safetensors import safe_open
         from safetensors.numpy import load_file
 
         try:
             data = load_file(path)
+            with safe_open(path, framework="np") as f:
+                metadata = f.metadata() or {}
         except Exception as err:
             raise UserError(f"cannot read {path!r} as safetensors ({str(err).splitlines()[0]})") from err
     else:
         data = _load_pickle(path)
-    token = None
+    found = EmbeddingFile(vectors=None)
     if isinstance(data, dict) and "string_to_param" in data:
-        token = data.get("name") if isinstance(data.get("name"), str) else None
-        data = next(iter(data["string_to_param"].values()))
+        found.kind = "a1111"
+        found.token = data.get("name") if isinstance(data.get("name"), str) else None
+        found.step = _int_or_none(data.get("step"))
+        found.base_model = data.get("sd_checkpoint_name") if isinstance(data.get("sd_checkpoint_name"), str) else None
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or not params:
+            raise UserError(f"{path!r}: string_to_param is empty; the A1111 embedding file is damaged")
+        data = next(iter(params.values()))
     elif isinstance(data, dict) and "emb_params" in data:
+        found.kind = "kohya"
+        found.token = metadata.get("token") or None
+        found.step = _int_or_none(metadata.get("steps"))
+        found.base_model = metadata.get("base_model") or None
         data = data["emb_params"]
     elif isinstance(data, dict) and ("clip_l" in data or "clip_g" in data):
+        found.kind = "clip"
         parts = {k: _to_numpy(data[k]) for k in ("clip_l", "clip_g") if k in data}
         matching = [v for v in parts.values() if expected_dim is None or v.shape[-1] == expected_dim]
         if not matching:
@@ -153,8 +188,12 @@ def read_embedding(path, expected_dim=None):
         data = matching[0]
     elif isinstance(data, dict):
         if len(data) != 1:
-            raise UserError(f"{path!r} holds {len(data)} tensors; expected one embedding (diffusers, A1111 or kohya format)")
-        token, data = next(iter(data.items()))
+            raise UserError(f"{path!r} holds {len(data)} tensors ({', '.join(map(str, list(data)[:4]))}); "
+                            "expected one embedding (diffusers, A1111 or kohya format)")
+        found.kind = "diffusers"
+        found.token, data = next(iter(data.items()))
+    elif not (hasattr(data, "shape") and hasattr(data, "dtype")):
+        raise UserError(f"{path!r} holds a {type(data).__name__}, not an embedding (diffusers, A1111, kohya or a tensor)")
     vectors = _to_numpy(data)
     if vectors.ndim == 1:
         vectors = vectors[None, :]
@@ -163,4 +202,52 @@ def read_embedding(path, expected_dim=None):
     if expected_dim is not None and vectors.shape[1] != expected_dim:
         raise UserError(f"{path!r}: embedding width {vectors.shape[1]} does not match the text encoder's {expected_dim}; "
                         "it was trained for another model")
-    return token, vectors
+    found.vectors = np.ascontiguousarray(vectors)
+    return found
+
+
+def read_embedding(path, expected_dim=None):
+    """Read any supported embedding file. Returns (token or None, float32 [num_vectors, dim])."""
+    found = load_embedding(path, expected_dim=expected_dim)
+    return found.token, found.vectors
+
+
+# --------------------------------------------------------------------------------------------------
+# One file in a named format (the converter's output side)
+
+WRITE_FORMATS = ("diffusers", "diffusers-bin", "a1111", "kohya", "raw")
+
+
+def guess_format(path):
+    """The format a file name implies: .pt -> a1111, .bin -> diffusers-bin,
+    learned_embeds*.safetensors -> diffusers, any other .safetensors -> kohya."""
+    name = os.path.basename(path)
+    if name.endswith(".pt"):
+        return "a1111"
+    if name.endswith(".bin"):
+        return "diffusers-bin"
+    if name.endswith(".safetensors"):
+        return "diffusers" if name.startswith("learned_embeds") else "kohya"
+    return None
+
+
+def write_embedding(path, fmt, token, vectors, step=0, base_model=""):
+    """Write one file in format fmt (one of WRITE_FORMATS). Returns the path."""
+    vectors = _as_float32(vectors)
+    if fmt == "a1111":
+        return write_a1111(path, token, vectors, step or 0, base_model)
+    if fmt == "kohya":
+        return write_kohya(path, token, vectors, step or 0, base_model)
+    torch = _torch() if fmt in ("diffusers-bin", "raw") else None
+    if fmt == "diffusers":
+        from safetensors.numpy import save
+
+        atomic.write_bytes(path, save({token: vectors}, metadata={"format": "np"}))
+    elif fmt in ("diffusers-bin", "raw"):
+        tensor = torch.from_numpy(vectors.copy())
+        buffer = io.BytesIO()
+        torch.save({token: tensor} if fmt == "diffusers-bin" else tensor, buffer)
+        atomic.write_bytes(path, buffer.getvalue())
+    else:
+        raise UserError(f"unknown embedding format {fmt!r}; choose from {', '.join(WRITE_FORMATS)}")
+    return path

@@ -1,0 +1,88 @@
+"""Convert an embedding file between the diffusers, AUTOMATIC1111, kohya/ComfyUI and raw-tensor formats.
+
+    python -m textual_inversion_core.convert IN OUT [--token TOKEN] [--format FORMAT] [--dim WIDTH]
+
+IN may be any file the trainers' --init_from accepts. The output format comes from --format or from
+OUT's name: NAME.pt -> A1111, learned_embeds*.safetensors -> diffusers, other .safetensors -> kohya /
+ComfyUI, .bin -> diffusers pickle. OUT may also be a folder: it then gets the diffusers files, the
+token files and the A1111 and kohya files named after the token, as a training run writes them.
+"""
+
+import argparse
+import os
+import sys
+
+from . import embeddings
+from .errors import UserError, run_cli
+
+FOLDER = "folder"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m textual_inversion_core.convert",
+                                description="Convert a Textual Inversion embedding file to another format.")
+    p.add_argument("input", metavar="IN", help="embedding file to read (diffusers, A1111 .pt, kohya, clip_l/clip_g, tensor)")
+    p.add_argument("output", metavar="OUT", help="file to write, or a folder (ends with / or exists) for every format")
+    p.add_argument("--token", default=None,
+                   help="token to store (default: the one in IN; A1111 files carry the bare trigger word)")
+    p.add_argument("--format", dest="fmt", default=None, choices=embeddings.WRITE_FORMATS + (FOLDER,),
+                   help="output format (default: guessed from OUT's name)")
+    p.add_argument("--dim", type=int, default=None,
+                   help="text encoder width; picks clip_l (768) or clip_g (1280) from SDXL files")
+    p.add_argument("--learnable_property", default="object", choices=["object", "style"],
+                   help="written to type_of_concept.txt when OUT is a folder")
+    return p
+
+
+def output_format(path, fmt):
+    if fmt:
+        return fmt
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        return FOLDER
+    guessed = embeddings.guess_format(path)
+    if guessed is None:
+        raise UserError(f"cannot tell the output format from {path!r}; name it *.pt, *.safetensors or *.bin, "
+                        f"or pass --format ({', '.join(embeddings.WRITE_FORMATS)}, {FOLDER})")
+    return guessed
+
+
+def default_token(path, found):
+    if found.token:
+        return found.token
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return f"<{embeddings.file_stem_for_token(stem)}>"
+
+
+def convert(input_path, output_path, token=None, fmt=None, dim=None, learnable_property="object"):
+    """Convert one file; returns (token used, list of written paths)."""
+    fmt = output_format(output_path, fmt)
+    found = embeddings.load_embedding(input_path, expected_dim=dim)
+    token = token or default_token(input_path, found)
+    if any(c.isspace() for c in token) or not token:
+        raise UserError(f"--token {token!r} must be one word without spaces, e.g. <cat-toy>")
+    if os.path.abspath(input_path) == os.path.abspath(output_path):
+        raise UserError("IN and OUT are the same file; write the converted embedding to another path")
+    step, base_model = found.step or 0, found.base_model or ""
+    if fmt == FOLDER:
+        os.makedirs(output_path, exist_ok=True)
+        written = embeddings.write_all(output_path, token, found.vectors, step, base_model, learnable_property,
+                                       export_formats=("a1111", "kohya"))
+    else:
+        folder = os.path.dirname(os.path.abspath(output_path))
+        if not os.path.isdir(folder):
+            raise UserError(f"folder {folder!r} for OUT does not exist; create it first")
+        written = [embeddings.write_embedding(output_path, fmt, token, found.vectors, step, base_model)]
+    return token, written
+
+
+def main(argv=None):
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    token, written = convert(args.input, args.output, token=args.token, fmt=args.fmt, dim=args.dim,
+                             learnable_property=args.learnable_property)
+    for path in written:
+        print(f"wrote {path} (token {token})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
