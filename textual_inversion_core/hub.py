@@ -1,5 +1,6 @@
 """Model card and Hugging Face Hub upload (huggingface_hub is imported only when pushing)."""
 
+import json
 import os
 
 from . import atomic
@@ -16,7 +17,9 @@ def resolve_repo_id(args):
 
 
 def preflight(args):
-    """Before training: check that a push can succeed (logged in, hub reachable). Returns repo id."""
+    """Before training: check that a push can succeed (online, logged in, hub reachable). Returns repo id."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        raise UserError("--push_to_hub cannot work with HF_HUB_OFFLINE set; unset HF_HUB_OFFLINE or drop --push_to_hub")
     try:
         from huggingface_hub import HfApi
     except ImportError as err:
@@ -25,6 +28,8 @@ def preflight(args):
         user = HfApi().whoami(token=args.hub_token)
     except Exception as err:
         first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        if args.hub_token:
+            first = first.replace(args.hub_token, "***")
         raise UserError(f"--push_to_hub: cannot reach the Hub or not logged in ({first}); "
                         "run `hf auth login`, set HF_TOKEN, or drop --push_to_hub") from err
     repo_id = resolve_repo_id(args)
@@ -34,15 +39,27 @@ def preflight(args):
 
 
 def model_card(repo_id, base_model, token, learnable_property, num_vectors, images=(), export_formats=()):
+    """README.md for the Hub repo: YAML metadata, then how to use the embedding in each tool."""
     stem = file_stem_for_token(token)
     gallery = "\n".join(f"![sample {i}](./{p})" for i, p in enumerate(images))
-    a1111 = (f"Copy `{stem}.pt` into the webui's `embeddings/` folder and write `{stem}` in a prompt."
-             if "a1111" in export_formats else
-             f"Load `{DIFFUSERS_SAFETENSORS}` through the webui's embedding loader.")
+    if "a1111" in export_formats:
+        a1111 = (f"Download `{stem}.pt` into the webui's `embeddings/` folder and write `{stem}` in a prompt "
+                 "(the webui takes the trigger word from the file name, so keep the name or rename the file "
+                 "to the word you want).")
+    else:
+        a1111 = (f"Convert the embedding first: `python -m textual_inversion_core.convert {DIFFUSERS_SAFETENSORS} "
+                 f"{stem}.pt`, then copy `{stem}.pt` into the webui's `embeddings/` folder and write `{stem}` in a prompt.")
+    if "kohya" in export_formats:
+        comfy = (f"Copy `{stem}.safetensors` into `ComfyUI/models/embeddings/` and write `embedding:{stem}` in the prompt. "
+                 "kohya's scripts read the same file.")
+    else:
+        comfy = (f"Copy `{DIFFUSERS_SAFETENSORS}` into `ComfyUI/models/embeddings/`, rename it to `{stem}.safetensors` "
+                 f"and write `embedding:{stem}` in the prompt.")
+    plural = "s" if num_vectors != 1 else ""
     return f"""---
 license: creativeml-openrail-m
-base_model: {base_model}
-instance_prompt: {token}
+base_model: {json.dumps(str(base_model))}
+instance_prompt: {json.dumps(token)}
 tags:
 - stable-diffusion
 - stable-diffusion-diffusers
@@ -55,7 +72,7 @@ inference: true
 
 # Textual Inversion: {token}
 
-Learned embedding ({num_vectors} vector{'s' if num_vectors != 1 else ''}) of the {learnable_property} `{token}`
+Learned embedding ({num_vectors} vector{plural}) of the {learnable_property} `{token}`
 for the text encoder of [{base_model}](https://huggingface.co/{base_model}).
 
 ## Use in diffusers
@@ -68,9 +85,18 @@ pipe.load_textual_inversion("{repo_id}")
 image = pipe("a photo of {token} on a beach").images[0]
 ```
 
-## Use in AUTOMATIC1111 / ComfyUI
+## Use in AUTOMATIC1111 webui
 
 {a1111}
+
+## Use in ComfyUI
+
+{comfy}
+
+## Files
+
+- `{DIFFUSERS_SAFETENSORS}` / `learned_embeds.bin`: diffusers format, `{{"{token}": float32[{num_vectors}, dim]}}`
+- `token_identifier.txt`, `type_of_concept.txt`: the token and the kind of concept
 
 {gallery}
 """
@@ -84,10 +110,15 @@ def write_model_card(output_dir, repo_id, args, images=()):
     return path
 
 
-def upload(output_dir, repo_id, token=None, message="End of training"):
+def upload(output_dir, repo_id, token=None, message="End of training", logging_dir=None):
+    """Create the repo if needed and upload output_dir without checkpoints, logs or temporary files."""
     from huggingface_hub import create_repo, upload_folder
 
+    ignore = list(UPLOAD_IGNORE)
+    if logging_dir and not os.path.isabs(logging_dir) and logging_dir.strip("./"):
+        # A custom --logging_dir inside output_dir holds TensorBoard events: never published.
+        ignore += [f"{logging_dir.strip('/')}/**"]
     repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
     upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=message, token=token,
-                  ignore_patterns=UPLOAD_IGNORE)
+                  ignore_patterns=ignore)
     return repo_id
