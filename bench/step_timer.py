@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Run a training script unchanged and record when each of its steps finished.
+
+    python bench/step_timer.py OUT.json SCRIPT.py [script flags...]
+
+Every trainer in this project (and the reference loop) advances a tqdm bar once per optimizer step
+and shows the loss in its postfix, so timing tqdm.update and reading set_postfix measures any of
+them the same way without touching their code. Written at exit to OUT.json: wall-clock time of each
+step (time.time(), comparable with the parent's launch time), the loss of each step, the exit
+code and the OS's peak resident set size of this process (VmHWM).
+
+With BENCH_PROFILE_STEP=N (torch scripts), steps N+1 and N+2 run under torch.profiler and the
+operator table is written next to OUT.json as OUT.profile.txt.
+"""
+
+import json
+import os
+import runpy
+import sys
+import time
+
+
+def peak_rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def main():
+    out_path, script, script_args = sys.argv[1], sys.argv[2], sys.argv[3:]
+    record = {"script": script, "step_end_times": [], "losses": [], "exit_code": None}
+    profile_step = int(os.environ.get("BENCH_PROFILE_STEP", "-1"))
+    profiler = []
+
+    from tqdm import std
+
+    original_update, original_set_postfix = std.tqdm.update, std.tqdm.set_postfix
+
+    def update(self, n=1):
+        # Only the training bar ("Steps"), not download/shard/validation bars.
+        if str(getattr(self, "desc", "")).startswith("Steps"):
+            record["step_end_times"].append(time.time())
+            done = len(record["step_end_times"])
+            if done == profile_step:
+                import torch
+
+                profiler.append(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                       record_shapes=False))
+                profiler[0].__enter__()
+            elif profiler and done == profile_step + 2:
+                profiler[0].__exit__(None, None, None)
+                table = profiler[0].key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+                with open(os.path.splitext(out_path)[0] + ".profile.txt", "w") as f:
+                    f.write(f"steps {profile_step + 1}-{profile_step + 2} of {script}\n{table}\n")
+                profiler.clear()
+        return original_update(self, n)
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        if str(getattr(self, "desc", "")).startswith("Steps"):
+            loss = kwargs.get("loss", (ordered_dict or {}).get("loss"))
+            if loss is not None:
+                try:
+                    record["losses"].append(float(loss))
+                except (TypeError, ValueError):
+                    pass
+        return original_set_postfix(self, ordered_dict, refresh, **kwargs)
+
+    std.tqdm.update, std.tqdm.set_postfix = update, set_postfix
+    # Full-precision loss where the script also logs it through accelerate (the bar shows 4 digits).
+    # Opt-in, so that a script which does not use torch does not pay for importing it.
+    try:
+        if os.environ.get("BENCH_LOG_HOOK") != "accelerate":
+            raise ImportError
+        import accelerate
+
+        original_log = accelerate.Accelerator.log
+
+        def log(self, values, step=None, log_kwargs=None):
+            if "loss" in values:
+                record.setdefault("logged_losses", []).append(float(values["loss"]))
+            return original_log(self, values, step=step, log_kwargs=log_kwargs or {})
+
+        accelerate.Accelerator.log = log
+    except ImportError:
+        pass
+    sys.argv = [script] + script_args
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        record["exit_code"] = code
+        record["peak_rss_bytes"] = peak_rss_bytes()
+        tmp = out_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, out_path)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
