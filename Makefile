@@ -36,5 +36,11 @@ test-torch: setup
 test-flax: setup setup-flax
 	$(VENV_FLAX)/bin/python -m pytest -q tests/flax
 
+# Speed/memory benchmark (not part of `make test`): ~40 min, ~8 GB RAM, ~4 GB disk for the sd15 pipeline.
+# Narrow it with e.g. `make bench BENCH_ARGS="--only tiny"`; the Flax rows need `make setup-flax`.
+BENCH_ARGS ?=
+bench: setup
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) $(VENV_FLAX) $(DEMO_DIR) build
