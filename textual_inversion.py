@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from textual_inversion_core import checkpoints, embeddings, hub
+from textual_inversion_core import checkpoints, embeddings, hub, plots
 from textual_inversion_core.cli import parse_args, public_config
 from textual_inversion_core.data import STREAM_NOISE, example_seed, placeholder_tokens_for
 from textual_inversion_core.errors import UserError, run_cli
@@ -291,8 +291,11 @@ def main(argv=None):
     base_embedding = text_encoder.get_input_embeddings()
     dim = base_embedding.embedding_dim
     if init_vectors is not None:
-        if init_vectors.shape[1] != dim:
-            raise UserError(f"--init_from {args.init_from!r} has width {init_vectors.shape[1]}, the text encoder needs {dim}")
+        if init_vectors.shape[1] != dim:  # SDXL files hold clip_l and clip_g: take the part of this width
+            try:
+                _, init_vectors = embeddings.read_embedding(args.init_from, expected_dim=dim)
+            except UserError as err:
+                raise UserError(f"--init_from: {err}") from None
         start = torch.from_numpy(init_vectors)
     else:
         start = base_embedding.weight.data[initializer_id].float().repeat(args.num_vectors, 1)
@@ -418,6 +421,7 @@ def main(argv=None):
                 global_batch * args.gradient_accumulation_steps, max_train_steps, seed)
     progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     base_lr = args.learning_rate
+    loss_history = []  # (step, loss) of this run, drawn to output_dir/loss.png at the end
 
     # ---- Loop
     while global_step < max_train_steps:
@@ -451,6 +455,7 @@ def main(argv=None):
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         accelerator.log({"loss": loss_value, "lr": lr}, step=global_step)
+        loss_history.append((global_step, loss_value))
 
         interrupted = bool(stop_signal)
         if world > 1:
@@ -482,13 +487,15 @@ def main(argv=None):
                                        args.pretrained_model_name_or_path, args.learnable_property,
                                        export_formats=args.export_formats,
                                        safe_serialization=not args.no_safe_serialization)
+        if loss_history:
+            written.append(plots.write_loss_curve(os.path.join(args.output_dir, "loss.png"), *zip(*loss_history)))
         if args.save_as_full_pipeline or args.push_to_hub:
             save_full_pipeline(args, args.output_dir, text_encoder, tokenizer, unet.to(torch.float32), torch)
         if args.push_to_hub:
             samples = sorted(os.listdir(os.path.join(args.output_dir, "validation"))) \
                 if os.path.isdir(os.path.join(args.output_dir, "validation")) else []
             hub.write_model_card(args.output_dir, hub_repo_id, args, images=[f"validation/{s}" for s in samples[-4:]])
-            hub.upload(args.output_dir, hub_repo_id, token=args.hub_token)
+            hub.upload(args.output_dir, hub_repo_id, token=args.hub_token, logging_dir=args.logging_dir)
             logger.info("pushed to %s", hub_repo_id)
         logger.info("wrote %s", ", ".join(os.path.basename(p) for p in written))
     accelerator.end_training()
