@@ -150,7 +150,10 @@ def load_embedding(path, expected_dim=None):
     if not os.path.isfile(path):
         raise UserError(f"embedding file {path!r} does not exist")
     metadata = {}
-    if path.endswith(".safetensors"):
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then a JSON header; torch files are zip or pickle.
+    if path.endswith(".safetensors") or (head[8:9] == b"{" and not head.startswith((b"PK", b"\x80"))):
         from safetensors import safe_open
         from safetensors.numpy import load_file
 
