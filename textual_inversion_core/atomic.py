@@ -21,6 +21,13 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _default_mode(directory=False):
+    """The permissions open()/mkdir() would give under the current umask (mkstemp/mkdtemp use 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def _write_error(path, err):
     """A failed write (disk full, quota, permissions) as one line; what was saved before is intact."""
     return UserError(f"cannot write {path!r} ({err.strerror or err}); free disk space or write elsewhere "
@@ -39,6 +46,7 @@ def atomic_path(final_path):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _default_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final_path)
@@ -74,6 +82,7 @@ def atomic_dir(final_dir):
         raise _write_error(final_dir, err) from err
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(directory=True))
         for root, _, files in os.walk(tmp):
             for name in files:
                 with open(os.path.join(root, name), "rb") as f:
