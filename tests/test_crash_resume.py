@@ -214,6 +214,8 @@ def test_signal_saves_checkpoint_and_embedding_then_resumes(tiny_pipeline, data,
     saved = final_vectors(out, f"learned_embeds-steps-{step}.safetensors")
     assert np.array_equal(saved, tensors["vectors"])
     assert not os.path.exists(os.path.join(out, "learned_embeds.safetensors"))  # the run is not finished
+    if signum == signal.SIGINT:
+        return  # the same checkpoint as for SIGTERM: resuming it once (below) is enough
     resumed = run_script(base_args(tiny_pipeline, data, out, resume_from_checkpoint="latest",
                                    **dict(settings, max_train_steps=step + 1)))
     assert resumed.returncode == 0 and f"at step {step}" in resumed.stderr, resumed.stderr[-3000:]
@@ -299,3 +301,19 @@ def test_disk_full_while_saving_is_one_line_and_keeps_earlier_files(tiny_pipelin
     assert_everything_readable(out)
     resumed = run_script(base_args(tiny_pipeline, data, out, resume_from_checkpoint="latest", **settings))
     assert resumed.returncode == 0 and "at step 1" in resumed.stderr, resumed.stderr[-3000:]
+
+
+def test_atomic_writes_keep_the_usual_permissions(tmp_path):
+    """Temporary files are private (0600/0700); the renamed results must be readable like any other file."""
+    from textual_inversion_core import atomic
+
+    old = os.umask(0o022)
+    try:
+        atomic.write_text(str(tmp_path / "file.txt"), "x")
+        with atomic.atomic_dir(str(tmp_path / "folder")) as folder:
+            open(os.path.join(folder, "inside"), "w").write("y")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "file.txt").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "folder").st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "folder" / "inside").st_mode & 0o777 == 0o644
