@@ -1,4 +1,4 @@
-"""Two processes (torchrun, gloo, CPU) with --train_batch_size 1 equal one process with batch 2:
+"""Two processes (accelerate launch / torchrun, gloo, CPU) with --train_batch_size 1 equal one process with batch 2:
 same vectors, same logged loss (the mean over ranks), and only rank 0 writes files."""
 
 import json
@@ -79,9 +79,9 @@ def layout(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accumulation, num_vectors", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("launcher, accumulation, num_vectors", [("accelerate", 1, 1), ("torchrun", 2, 2)])
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_pipeline, train_images, tmp_path,
-                                                            accumulation, num_vectors):
+                                                            launcher, accumulation, num_vectors):
     settings = dict(max_train_steps=6, gradient_accumulation_steps=accumulation, num_vectors=num_vectors,
                     checkpointing_steps=3, save_steps=3, report_to="tensorboard", lr_scheduler="cosine",
                     lr_warmup_steps=2)
@@ -94,11 +94,16 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_pipeline, train
     audit.mkdir()
     wrapper = tmp_path / "audited.py"
     wrapper.write_text(AUDIT_WRAPPER)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(wrapper)]
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   str(wrapper)]
+    else:  # on CPU, accelerate starts several processes only with --multi_gpu (+ ACCELERATE_USE_CPU)
+        command = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
+                   "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "--main_process_port", "0", str(wrapper)]
     env = {"ACCELERATE_USE_CPU": "1", "AUDIT_DIR": str(audit), "AUDIT_OUTPUT_DIR": double}
     result = run_script(base_args(tiny_pipeline, train_images, double, train_batch_size=1, **settings),
-                        launcher=torchrun, env=env)
+                        launcher=command, env=env)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "processes = 2" in result.stderr and "global batch = " + str(2 * accumulation) in result.stderr
 
