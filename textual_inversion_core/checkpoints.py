@@ -77,11 +77,14 @@ def save_checkpoint(output_dir, step, tensors, state, total_limit=None):
 
 
 def remove_crash_leftovers(output_dir):
-    """Delete temporary checkpoint folders that a killed run left behind (never listed, never resumed)."""
+    """Delete the temporary checkpoint folders and embedding files that a killed run left behind."""
     if os.path.isdir(output_dir):
         for name in os.listdir(output_dir):
+            path = os.path.join(output_dir, name)
             if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
-                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+                shutil.rmtree(path, ignore_errors=True)
+            elif name.startswith(".tmp-learned_embeds") and os.path.isfile(path):
+                os.unlink(path)
 
 
 def _test_pause_before_rename(step):
