@@ -317,3 +317,15 @@ def test_atomic_writes_keep_the_usual_permissions(tmp_path):
     assert os.stat(tmp_path / "file.txt").st_mode & 0o777 == 0o644
     assert os.stat(tmp_path / "folder").st_mode & 0o777 == 0o755
     assert os.stat(tmp_path / "folder" / "inside").st_mode & 0o777 == 0o644
+
+
+def test_next_checkpoint_save_removes_what_a_killed_save_left(tmp_path):
+    out = str(tmp_path)
+    os.makedirs(os.path.join(out, ".tmp-checkpoint-4-k1l2"))
+    os.makedirs(os.path.join(out, ".old-checkpoint-2-x9"))
+    open(os.path.join(out, ".tmp-learned_embeds-steps-4.bin-abc"), "wb").write(b"half")
+    open(os.path.join(out, "my notes.txt"), "w").write("keep")
+    tensors = {"vectors": np.zeros((1, 4), np.float32)}
+    checkpoints.save_checkpoint(out, 2, tensors, {"seed": 0})
+    checkpoints.save_checkpoint(out, 5, tensors, {"seed": 0})
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-5", "my notes.txt"]
