@@ -59,13 +59,27 @@ def main():
     sample = os.path.join(args.output_dir, "sample.png")
     image.resize((256, 256)).save(sample)
 
+    from textual_inversion_core import plots
+    from textual_inversion_core.embeddings import file_stem_for_token
+
+    out, stem = args.output_dir, file_stem_for_token(TOKEN)
+    grid = plots.write_validation_grid(os.path.join(out, "validation"), os.path.join(out, "validation_grid.png"))
     print()
-    print(f"Done in {time.time() - started:.0f} s.")
-    print(f"  embedding      {os.path.join(args.output_dir, 'learned_embeds.safetensors')} (and .bin)")
-    print(f"  token          {TOKEN}  (token_identifier.txt), concept: object (type_of_concept.txt)")
-    print(f"  validation     {os.path.join(args.output_dir, 'validation')}/")
-    print(f"  sample image   {sample}  (prompt: {prompt!r})")
-    print(f"  use it         pipe.load_textual_inversion({args.output_dir!r}); pipe({prompt!r})")
+    print(f"Done in {time.time() - started:.0f} s. Everything is in {out}/")
+    print(f"  token           {TOKEN}   (A1111 / ComfyUI trigger word: {stem})")
+    print(f"  diffusers       learned_embeds.safetensors, learned_embeds.bin")
+    print(f"  AUTOMATIC1111   {stem}.pt          -> webui embeddings/ folder, write {stem!r} in a prompt")
+    print(f"  ComfyUI, kohya  {stem}.safetensors -> ComfyUI/models/embeddings/, write 'embedding:{stem}'")
+    print(f"  loss curve      loss.png")
+    if grid:
+        print(f"  validation grid {os.path.basename(grid)}   (rows: training steps, from validation/)")
+    print(f"  sample image    {os.path.basename(sample)}        (prompt: {prompt!r})")
+    print("  use it in diffusers:")
+    print("      from diffusers import StableDiffusionPipeline")
+    print(f"      pipe = StableDiffusionPipeline.from_pretrained({args.pipeline_dir!r})")
+    print(f"      pipe.load_textual_inversion({out!r})")
+    print(f"      image = pipe({prompt!r}).images[0]")
+    print("  other formats:  python -m textual_inversion_core.convert IN OUT   (see README, Use your embedding)")
 
 
 if __name__ == "__main__":
