@@ -678,6 +678,7 @@ def train(argv, previous_handlers):
     tokenizer, noise_scheduler, scheduler_state, scheduler_config, loaded = load_models(args, folder, weight_dtype)
     models = {name: loaded[name][0] for name in COMPONENTS}
     params = {name: loaded[name][1] for name in COMPONENTS}
+    del loaded  # one host copy of the weights at a time: SD-sized models are gigabytes
     placeholder_ids, initializer_id = add_placeholder_tokens(
         tokenizer, args.placeholder_token, args.num_vectors, args.initializer_token)
     placeholder_string = " ".join(tokenizer.convert_ids_to_tokens(placeholder_ids))
@@ -689,7 +690,7 @@ def train(argv, previous_handlers):
         raise UserError(f"--init_from {args.init_from!r} has width {init_vectors.shape[1]}, the text encoder needs {dim}")
     start = add_placeholder_rows(models["text_encoder"], params["text_encoder"], len(tokenizer), placeholder_ids,
                                  initializer_id, args.num_vectors, init_vectors)
-    frozen_host = {name: jax.tree.map(lambda x: np.asarray(x).astype(weight_dtype), params[name])
+    frozen_host = {name: jax.tree.map(lambda x: np.asarray(x).astype(weight_dtype, copy=False), params[name])
                    for name in ("text_encoder", "unet")}
     vae_params = jax.tree.map(jnp.asarray, params["vae"])
     del params
