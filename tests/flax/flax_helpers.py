@@ -3,7 +3,6 @@ in the PyTorch environment, read outputs."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -53,11 +52,6 @@ def read_vectors(path):
 
     (token, vectors), = load_file(path).items()
     return token, vectors
-
-
-def copy_pipeline(src, dst):
-    shutil.copytree(src, dst)
-    return str(dst)
 
 
 def run_torch_python(code, *args, timeout=300):
