@@ -10,8 +10,8 @@ resumes in the other). Reads top to bottom: parse -> load -> prepare -> loop -> 
 
 Only the placeholder vectors are differentiated: they are the one argument of the gradient, and are
 written into the token-embedding lookup's output, so neither the 49408-row matrix nor any other
-weight gets a gradient. The train step is pure and pmapped over jax.local_devices(); gradients are
-pmean-ed. Every random draw of an example comes from (seed, global example index), so a run on 2
+weight gets a gradient. The train step is pure and pmapped over every device (each host feeds its
+jax.local_devices()); gradients are pmean-ed across all of them. Every random draw of an example comes from (seed, global example index), so a run on 2
 devices equals a run on 1 device with the same global batch, and a resumed run the uninterrupted one.
 """
 
