@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Pretrain a tiny text-to-image Stable Diffusion pipeline on coloured shapes, on CPU, from scratch.
+
+    .venv/bin/python tools/pretrain_shapes_model.py tests/assets/shapes-sd --seed 0
+
+Writes a normal StableDiffusionPipeline folder (model_index.json, unet/, vae/, text_encoder/ with
+`text_model.`-prefixed keys, tokenizer/ with the real CLIP vocabulary, scheduler/) that
+textual_inversion.py trains on unchanged, plus pretraining.json (the command, times and losses).
+The domain and the held-out pair (never captioned) are defined in tools/shapes.py.
+
+Two stages: (1) a small AutoencoderKL (32 px -> 4x16x16 latents) on reconstruction; (2) the UNet
+and a small CLIP text encoder, jointly, on the denoising loss with captions built from the
+textual-inversion prompt templates, 10% empty captions (for classifier-free guidance) and an EMA of
+the weights. Weights are stored in fp16 to keep the folder small (the CLIP vocabulary alone is
+49408 rows). Deterministic for a seed and a thread count.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from textual_inversion_core.data import OBJECT_TEMPLATES  # noqa: E402
+from textual_inversion_core.hf_layout import add_text_model_prefix, move_into  # noqa: E402
+from tools import shapes  # noqa: E402
+from tools.make_tiny_pipeline import find_clip_vocab, write_clip_tokenizer_files  # noqa: E402
+
+RESOLUTION = 32
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def model_configs(text_width):
+    vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+               up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[16, 32], layers_per_block=1,
+               latent_channels=4, norm_num_groups=8, sample_size=RESOLUTION)
+    unet = dict(sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(32, 64, 64),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=text_width, attention_head_dim=8, norm_num_groups=16)
+    text = dict(vocab_size=49408, hidden_size=text_width, intermediate_size=2 * text_width, num_attention_heads=4,
+                num_hidden_layers=3, max_position_embeddings=77, projection_dim=text_width,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return vae, unet, text
+
+
+def make_images(count, seed):
+    """count images of every pair but the held-out one, as float [-1, 1] NCHW, with their labels."""
+    rng = np.random.default_rng([seed, 1])
+    labels = [shapes.sample_pair(rng) for _ in range(count)]
+    pixels = np.stack([shapes.render(c, s, rng, RESOLUTION) for c, s in labels])
+    return (pixels.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2), labels
+
+
+def cosine_lr(step, total, peak, warmup):
+    import math
+
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(vae, images, steps, batch, lr, seed, log):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    data = torch.from_numpy(images)
+    vae.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, 100)
+        x = data[torch.randint(0, len(data), (batch,), generator=generator)]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(z).sample
+        # A tiny KL weight keeps the latent scale bounded without blurring the reconstruction.
+        loss = torch.nn.functional.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.5f}")
+    vae.eval()
+    return float(loss.item())
+
+
+def train_diffusion(unet, text_encoder, tokenizer, latent_mean, latent_std, labels, args, log):
+    import torch
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(**SCHEDULE, prediction_type="epsilon")
+    rng = np.random.default_rng([args.seed, 2])
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]
+    unet.train()
+    text_encoder.train()
+    losses = []
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr, 200)
+        index = rng.integers(0, len(labels), args.batch)
+        captions = []
+        for i in index:
+            if rng.uniform() < 0.1:
+                captions.append("")
+            else:
+                template = OBJECT_TEMPLATES[rng.integers(len(OBJECT_TEMPLATES))]
+                captions.append(template.format(shapes.caption_phrase(*labels[i], rng)))
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        idx = torch.from_numpy(index)
+        latents = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, SCHEDULE["num_train_timesteps"], (args.batch,), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        hidden = text_encoder(ids)[0]
+        pred = unet(noisy, timesteps, hidden).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for shadow, p in zip(ema, params):
+                shadow.lerp_(p.detach(), 1 - decay)
+        losses.append(loss.item())
+        if step % 200 == 0 or step == args.steps - 1:
+            log(f"diffusion step {step}/{args.steps} loss(avg 200) {np.mean(losses[-200:]):.4f}")
+    with torch.no_grad():
+        for shadow, p in zip(ema, params):
+            p.copy_(shadow)
+    unet.eval()
+    text_encoder.eval()
+    return float(np.mean(losses[-500:]))
+
+
+def save_pipeline(out_dir, vae, unet, text_encoder, tokenizer_dir, report):
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+    scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(vae=vae.half(), text_encoder=text_encoder.half(), tokenizer=tokenizer,
+                                   unet=unet.half(), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-shapes-sd-", dir=parent)
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(staging, "tokenizer", name))
+        add_text_model_prefix(os.path.join(staging, "text_encoder"))
+        with open(os.path.join(staging, "pretraining.json"), "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        move_into(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    del torch
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=8000, help="procedural training images")
+    parser.add_argument("--vae_steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=1300, help="UNet + text encoder steps")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--text_width", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest for these tiny kernels, especially on a busy machine)")
+    args = parser.parse_args(argv)
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.set_num_threads(args.threads)
+    started = time.time()
+
+    def log(message):
+        print(f"[{time.time() - started:7.1f}s] {message}", flush=True)
+
+    vae_cfg, unet_cfg, text_cfg = model_configs(args.text_width)
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**vae_cfg)
+    unet = UNet2DConditionModel(**unet_cfg)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    images, labels = make_images(args.images, args.seed)
+    log(f"{len(images)} images; params: vae {sum(p.numel() for p in vae.parameters())}, "
+        f"unet {sum(p.numel() for p in unet.parameters())}, text {sum(p.numel() for p in text_encoder.parameters())}")
+
+    vae_loss = train_vae(vae, images, args.vae_steps, 32, 3e-3, args.seed + 1, log)
+    vae_seconds = time.time() - started
+    with torch.no_grad():
+        dists = [vae.encode(torch.from_numpy(images[i : i + 256])).latent_dist for i in range(0, len(images), 256)]
+        mean = torch.cat([d.mean for d in dists])
+        std = torch.cat([d.std for d in dists])
+        recon = vae.decode(mean[:600]).sample
+    scaling = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=scaling)
+    recon_pixels = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    judge_on_recon = float(np.mean([shapes.judge(im) == lab for im, lab in zip(recon_pixels, labels[:600])]))
+    log(f"latent scaling factor {scaling:.4f}; judge accuracy on VAE reconstructions {judge_on_recon:.3f}")
+
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        write_clip_tokenizer_files(tokenizer_dir, find_clip_vocab())
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77)
+        diffusion_loss = train_diffusion(unet, text_encoder, tokenizer, mean * scaling, std * scaling, labels, args, log)
+        report = {
+            "command": "python tools/pretrain_shapes_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "held_out": " ".join(shapes.HELD_OUT), "resolution": RESOLUTION, "threads": args.threads,
+            "vae_seconds": round(vae_seconds, 1), "total_seconds": round(time.time() - started, 1),
+            "vae_final_loss": round(vae_loss, 5), "diffusion_loss_last_500_steps": round(diffusion_loss, 5),
+            "judge_accuracy_on_vae_reconstructions": judge_on_recon, "torch": torch.__version__,
+        }
+        save_pipeline(args.out_dir, vae, unet, text_encoder, tokenizer_dir, report)
+    log(f"wrote {args.out_dir}: {json.dumps(report)}")
+
+
+if __name__ == "__main__":
+    main()
