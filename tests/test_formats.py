@@ -106,6 +106,11 @@ def test_reads_foreign_layouts(tmp_path):
     with pytest.raises(UserError, match="no part of width 32 .*clip_l=768, clip_g=1280"):
         embeddings.read_embedding(str(tmp_path / "sdxl.safetensors"), TINY_DIM)
 
+    # A safetensors file under a pickle-style name is recognised by its content, not its suffix.
+    misnamed = random_vectors(2)
+    save_file({"<m>": misnamed}, str(tmp_path / "misnamed.bin"))
+    np.testing.assert_array_equal(embeddings.read_embedding(str(tmp_path / "misnamed.bin"))[1], misnamed)
+
     raw = random_vectors(4)
     torch.save(torch.from_numpy(raw), tmp_path / "raw.pt")
     found = embeddings.load_embedding(str(tmp_path / "raw.pt"))
