@@ -95,16 +95,9 @@ def reference(tiny_pipeline, data, tmp_path_factory):
     return out
 
 
-def test_saving_does_not_change_the_result(tiny_pipeline, data, reference, tmp_path):
-    out = str(tmp_path / "out")
-    result = run_script(base_args(tiny_pipeline, data, out, **dict(COMMON, checkpointing_steps=0, save_steps=0)))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert max_diff(final_vectors(out), final_vectors(reference)) == 0.0
-
-
-@pytest.mark.parametrize("stop_at", [3, 5])
-def test_resume_mid_epoch_with_accumulation_is_exact(tiny_pipeline, data, reference, tmp_path, stop_at):
-    """Stopped after step 3 (example 12 = epoch 2, position 2) or 5: resumed result equals uninterrupted."""
+def test_resume_mid_epoch_with_accumulation_is_exact(tiny_pipeline, data, reference, tmp_path):
+    """Stopped after step 3 (example 12 = epoch 2, position 2; warmup just over): resumed equals uninterrupted."""
+    stop_at = 3
     full = reference
     part = str(tmp_path / "part")
     os.makedirs(part)
