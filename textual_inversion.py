@@ -25,7 +25,7 @@ from textual_inversion_core import checkpoints, embeddings, hub, plots
 from textual_inversion_core.cli import parse_args, public_config
 from textual_inversion_core.data import STREAM_NOISE, example_seed, placeholder_tokens_for
 from textual_inversion_core.errors import UserError, run_cli
-from textual_inversion_core.preflight import load_run_inputs
+from textual_inversion_core.preflight import fit_init_vectors, load_run_inputs
 from textual_inversion_core.schedules import lr_multiplier
 
 logger = logging.getLogger("textual_inversion")
@@ -290,12 +290,8 @@ def main(argv=None):
         module.requires_grad_(False)
     base_embedding = text_encoder.get_input_embeddings()
     dim = base_embedding.embedding_dim
+    init_vectors = fit_init_vectors(args, init_vectors, dim)
     if init_vectors is not None:
-        if init_vectors.shape[1] != dim:  # SDXL files hold clip_l and clip_g: take the part of this width
-            try:
-                _, init_vectors = embeddings.read_embedding(args.init_from, expected_dim=dim)
-            except UserError as err:
-                raise UserError(f"--init_from: {err}") from None
         start = torch.from_numpy(init_vectors)
     else:
         start = base_embedding.weight.data[initializer_id].float().repeat(args.num_vectors, 1)
@@ -354,6 +350,9 @@ def main(argv=None):
             optimizer.load_state_dict(state)
         global_step = int(resume_state["step"])
         logger.info("resumed from %s at step %d", resume_path, global_step)
+    elif args.resume_from_checkpoint:
+        logger.warning("--resume_from_checkpoint %s: no checkpoint in %s yet, starting a new run",
+                       args.resume_from_checkpoint, args.output_dir)
 
     def checkpoint_state():
         adam = optimizer.state_dict()["state"].get(0, {})

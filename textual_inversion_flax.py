@@ -27,11 +27,12 @@ import warnings
 
 import numpy as np
 
-from textual_inversion_core import checkpoints, embeddings, hub
+from textual_inversion_core import checkpoints, embeddings, hub, plots
 from textual_inversion_core.atomic import atomic_path
 from textual_inversion_core.cli import parse_args, public_config
-from textual_inversion_core.data import STREAM_NOISE, TextualInversionDataset, example_seed
+from textual_inversion_core.data import STREAM_NOISE, example_seed
 from textual_inversion_core.errors import UserError, run_cli
+from textual_inversion_core.preflight import fit_init_vectors, load_run_inputs
 from textual_inversion_core.schedules import lr_table
 
 logger = logging.getLogger("textual_inversion_flax")
@@ -68,17 +69,6 @@ def check_flags(args):
         if importlib.util.find_spec(module) is None:
             raise UserError(f"--report_to {args.report_to} needs the {module} package; "
                             f"pip install {module} or pass --report_to none")
-
-
-def check_output_dir(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".tmp-write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.unlink(probe)
-    except OSError as err:
-        raise UserError(f"--output_dir {path!r} is not writable ({err.strerror}); choose a folder you can write to") from err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -618,20 +608,8 @@ def train(argv, previous_handlers):
 
     # ---- Checks that need no model: fail in seconds, not after loading gigabytes.
     check_flags(args)
-    check_output_dir(args.output_dir)
-    dataset = TextualInversionDataset(
-        args.train_data_dir, learnable_property=args.learnable_property, size=args.resolution,
-        repeats=args.repeats, center_crop=args.center_crop, num_workers=args.dataloader_num_workers,
-        skip_bad_images=args.skip_bad_images)
+    dataset, resume_path, resume_tensors, resume_state, init_vectors = load_run_inputs(args)
     folder = resolve_model_folder(args)
-    resume_path = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    resume_tensors, resume_state = checkpoints.load_checkpoint(resume_path) if resume_path else (None, None)
-    init_vectors = None
-    if args.init_from:
-        _, init_vectors = embeddings.read_embedding(args.init_from)
-        if init_vectors.shape[0] != args.num_vectors:
-            raise UserError(f"--init_from {args.init_from!r} has {init_vectors.shape[0]} vectors but --num_vectors is "
-                            f"{args.num_vectors}; pass --num_vectors {init_vectors.shape[0]}")
 
     import jax
 
@@ -686,8 +664,7 @@ def train(argv, previous_handlers):
 
     # ---- Prepare: the embedding matrix grows by the new rows (initialised like the PyTorch script).
     dim = params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"].shape[1]
-    if init_vectors is not None and init_vectors.shape[1] != dim:
-        raise UserError(f"--init_from {args.init_from!r} has width {init_vectors.shape[1]}, the text encoder needs {dim}")
+    init_vectors = fit_init_vectors(args, init_vectors, dim)
     start = add_placeholder_rows(models["text_encoder"], params["text_encoder"], len(tokenizer), placeholder_ids,
                                  initializer_id, args.num_vectors, init_vectors)
     frozen_host = {name: jax.tree.map(lambda x: np.asarray(x).astype(weight_dtype, copy=False), params[name])
@@ -818,6 +795,7 @@ def train(argv, previous_handlers):
     logger.info("  batch per device = %d, accumulation = %d, global batch = %d, steps = %d, seed = %d",
                 args.train_batch_size, accumulation, global_batch * accumulation, max_train_steps, seed)
     progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps", disable=not is_main)
+    loss_history = []  # (step, loss) of this run, drawn to output_dir/loss.png at the end
 
     # ---- Loop
     while global_step < max_train_steps:
@@ -835,6 +813,7 @@ def train(argv, previous_handlers):
         global_step += 1
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        loss_history.append((global_step, loss_value))
         trackers.log({"loss": loss_value, "lr": lr}, global_step)
 
         interrupted = bool(stop_signal)
@@ -869,6 +848,8 @@ def train(argv, previous_handlers):
                                        args.pretrained_model_name_or_path, args.learnable_property,
                                        export_formats=args.export_formats,
                                        safe_serialization=not args.no_safe_serialization)
+        if loss_history:
+            written.append(plots.write_loss_curve(os.path.join(args.output_dir, "loss.png"), *zip(*loss_history)))
         if args.save_as_full_pipeline or args.push_to_hub:
             save_full_pipeline(args, args.output_dir, models, unreplicated_params(), tokenizer, scheduler_config)
         if args.push_to_hub:

@@ -44,3 +44,14 @@ def load_run_inputs(args):
             raise UserError(f"--init_from {args.init_from!r} has {init_vectors.shape[0]} vectors but --num_vectors is "
                             f"{args.num_vectors}; pass --num_vectors {init_vectors.shape[0]}")
     return RunInputs(dataset, resume_path, resume_tensors, resume_state, init_vectors)
+
+
+def fit_init_vectors(args, init_vectors, dim):
+    """--init_from vectors at the text encoder's width: SDXL files hold clip_l and clip_g, take the matching one."""
+    if init_vectors is None or init_vectors.shape[1] == dim:
+        return init_vectors
+    try:
+        _, init_vectors = embeddings.read_embedding(args.init_from, expected_dim=dim)
+    except UserError as err:
+        raise UserError(f"--init_from: {err}") from None
+    return init_vectors

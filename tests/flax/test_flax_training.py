@@ -61,8 +61,12 @@ def test_two_device_run_writes_every_output(runs):
                  "learned_embeds-steps-2.bin", "learned_embeds-steps-2.safetensors", "learned_embeds-steps-4.safetensors",
                  "checkpoint-2/training_state.safetensors", "checkpoint-4/training_state.json",
                  "validation/step-000004-0.png", "model_index.json", "text_encoder/flax_model.msgpack",
-                 "unet/diffusion_flax_model.msgpack", "vae/diffusion_flax_model.msgpack", "tokenizer/added_tokens.json"):
+                 "unet/diffusion_flax_model.msgpack", "vae/diffusion_flax_model.msgpack", "tokenizer/added_tokens.json",
+                 "loss.png", "cat-toy.pt", "cat-toy.safetensors"):
         assert os.path.isfile(os.path.join(out, name)), name
+    from PIL import Image
+
+    assert Image.open(os.path.join(out, "loss.png")).format == "PNG"
     assert open(os.path.join(out, "token_identifier.txt")).read() == "<cat-toy>"
     assert open(os.path.join(out, "type_of_concept.txt")).read() == "object"
     assert any(f.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(out, "logs")) for f in files)
