@@ -207,8 +207,6 @@ def run_validation(args, accelerator, text_encoder, tokenizer, unet, vae, noise_
     """Sample images with the current vectors; save them under output_dir/validation/ and to trackers."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from textual_inversion_core.atomic import atomic_path
-
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
@@ -220,14 +218,7 @@ def run_validation(args, accelerator, text_encoder, tokenizer, unet, vae, noise_
         for _ in range(args.num_validation_images):
             images.append(pipeline(args.validation_prompt, num_inference_steps=25, generator=generator,
                                    height=args.resolution, width=args.resolution).images[0])
-    folder = os.path.join(args.output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        path = os.path.join(folder, f"step-{step:06d}-{i}.png")
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
-        paths.append(path)
+    paths = plots.save_validation_images(args.output_dir, step, images)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")

@@ -28,7 +28,6 @@ import warnings
 import numpy as np
 
 from textual_inversion_core import checkpoints, embeddings, hub, plots
-from textual_inversion_core.atomic import atomic_path
 from textual_inversion_core.cli import parse_args, public_config
 from textual_inversion_core.data import STREAM_NOISE, example_seed
 from textual_inversion_core.errors import UserError, run_cli
@@ -563,14 +562,7 @@ class Validator:
             images = self.generate(self.prompt_ids, params, rng, 25, args.resolution, args.resolution,
                                    jnp.asarray(7.5, jnp.float32))
         images = self.pipeline.numpy_to_pil(np.asarray(images))
-        folder = os.path.join(args.output_dir, "validation")
-        os.makedirs(folder, exist_ok=True)
-        paths = []
-        for i, image in enumerate(images):
-            path = os.path.join(folder, f"step-{step:06d}-{i}.png")
-            with atomic_path(path) as tmp:
-                image.save(tmp, format="PNG")
-            paths.append(path)
+        paths = plots.save_validation_images(args.output_dir, step, images)
         trackers.images([np.asarray(im) for im in images], step)
         return paths
 

@@ -130,6 +130,13 @@ def image_grid(rows, labels=None, cell=None, gap=4):
 VALIDATION_NAME = re.compile(r"step-(\d+)-(\d+)\.png$")
 
 
+def save_validation_images(output_dir, step, images):
+    """Write PIL images as output_dir/validation/step-NNNNNN-I.png (the names read back below)."""
+    folder = os.path.join(output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    return [_save_png(image, os.path.join(folder, f"step-{step:06d}-{i}.png")) for i, image in enumerate(images)]
+
+
 def validation_images_by_step(folder):
     """{step: [paths in image order]} for the trainers' validation/step-NNNNNN-I.png files."""
     found = {}
