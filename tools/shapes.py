@@ -125,30 +125,54 @@ def _foreground(pixels):
     return distance, background
 
 
+def _largest_component(mask):
+    """The largest 4-connected region of a boolean mask (generated images have stray blotches)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best, best_size, current = 0, 0, 0
+    height, width = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        current += 1
+        labels[y0, x0] = current
+        stack, size = [(y0, x0)], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = current
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = current, size
+    return labels == best
+
+
 def judge(image):
     """(colour, shape) of one image (PIL or uint8/float array, HxWx3). Shape is None if nothing is drawn."""
     pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float32)
     if pixels.max() <= 1.0:
         pixels = pixels * 255.0
     size = pixels.shape[0]
-    distance, background = _foreground(pixels)
-    mask = distance > 60
+    distance, _ = _foreground(pixels)
+    # Half of the strongest contrast: keeps the shape, drops the faint haze generated images have.
+    threshold = max(40.0, 0.5 * float(np.percentile(distance, 99)))
+    mask = _largest_component(distance > threshold)
     if mask.sum() < 4:
         return None, None
-    # Colour: the most strongly coloured half of the foreground, nearest palette entry.
+    # Colour: the most strongly coloured half of the shape, nearest palette entry.
     strong = pixels[mask][np.argsort(-distance[mask])[: max(1, int(mask.sum()) // 2)]]
     centre = np.median(strong, axis=0)
     colour = min(PALETTE, key=lambda name: float(((np.asarray(PALETTE[name]) - centre) ** 2).sum()))
-    # Shape: fit each template to the foreground's bounding box (robust to a few stray pixels).
+    # Shape: fit each template to the shape's bounding box; the best overlap (IoU) wins.
     ys, xs = np.nonzero(mask)
-    box = (np.percentile(xs, 1), np.percentile(ys, 1), np.percentile(xs, 99) + 1, np.percentile(ys, 99) + 1)
+    box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     if box[2] - box[0] < 3 or box[3] - box[1] < 3:
         return colour, None
-    soft = np.clip(distance / max(float(np.abs(np.asarray(PALETTE[colour]) - background).max()), 1.0), 0, 1)
 
     def overlap(shape):
-        template = shape_coverage(shape, box, size)
-        return float(np.minimum(template, soft).sum() / max(np.maximum(template, soft).sum(), 1e-6))
+        template = shape_coverage(shape, box, size) > 0.5
+        return float((template & mask).sum() / max((template | mask).sum(), 1))
 
     return colour, max(SHAPES, key=overlap)
 
