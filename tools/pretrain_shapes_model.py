@@ -146,7 +146,6 @@ def train_diffusion(unet, text_encoder, tokenizer, latent_mean, latent_std, labe
 
 
 def save_pipeline(out_dir, vae, unet, text_encoder, tokenizer_dir, report):
-    import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -170,7 +169,6 @@ def save_pipeline(out_dir, vae, unet, text_encoder, tokenizer_dir, report):
         move_into(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    del torch
 
 
 def main(argv=None):
