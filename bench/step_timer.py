@@ -9,6 +9,7 @@ them the same way without touching their code. Written at exit to OUT.json: wall
 step (time.time(), comparable with the parent's launch time), the loss of each step, the exit
 code and the OS's peak resident set size of this process (VmHWM).
 
+With BENCH_RSS_TRACE=1 the resident size is sampled every 0.1 s into OUT.json's rss_trace.
 With BENCH_PROFILE_STEP=N (torch scripts), steps N+1 and N+2 run under torch.profiler and the
 operator table is written next to OUT.json as OUT.profile.txt.
 """
@@ -68,6 +69,19 @@ def main():
         return original_set_postfix(self, ordered_dict, refresh, **kwargs)
 
     std.tqdm.update, std.tqdm.set_postfix = update, set_postfix
+    if os.environ.get("BENCH_RSS_TRACE"):  # diagnostic: resident memory every 0.1 s, to see which phase peaks
+        import threading
+
+        page = os.sysconf("SC_PAGE_SIZE")
+        trace = record.setdefault("rss_trace", [])
+
+        def sample():
+            while True:
+                with open("/proc/self/statm") as f:
+                    trace.append((round(time.time(), 2), int(f.read().split()[1]) * page))
+                time.sleep(0.1)
+
+        threading.Thread(target=sample, daemon=True).start()
     # Full-precision loss where the script also logs it through accelerate (the bar shows 4 digits).
     # Opt-in, so that a script which does not use torch does not pay for importing it.
     try:
