@@ -490,10 +490,7 @@ def main(argv=None):
         if args.save_as_full_pipeline or args.push_to_hub:
             save_full_pipeline(args, args.output_dir, text_encoder, tokenizer, unet.to(torch.float32), torch)
         if args.push_to_hub:
-            samples = sorted(os.listdir(os.path.join(args.output_dir, "validation"))) \
-                if os.path.isdir(os.path.join(args.output_dir, "validation")) else []
-            hub.write_model_card(args.output_dir, hub_repo_id, args, images=[f"validation/{s}" for s in samples[-4:]])
-            hub.upload(args.output_dir, hub_repo_id, token=args.hub_token, logging_dir=args.logging_dir)
+            hub.publish(args, hub_repo_id)
             logger.info("pushed to %s", hub_repo_id)
         logger.info("wrote %s", ", ".join(os.path.basename(p) for p in written))
     accelerator.end_training()

@@ -122,3 +122,11 @@ def upload(output_dir, repo_id, token=None, message="End of training", logging_d
     upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=message, token=token,
                   ignore_patterns=ignore)
     return repo_id
+
+
+def publish(args, repo_id):
+    """End of a --push_to_hub run: model card showing the newest validation images, then the upload."""
+    folder = os.path.join(args.output_dir, "validation")
+    samples = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    write_model_card(args.output_dir, repo_id, args, images=[f"validation/{s}" for s in samples[-4:]])
+    return upload(args.output_dir, repo_id, token=args.hub_token, logging_dir=args.logging_dir)

@@ -321,7 +321,8 @@ def test_push_to_hub_uploads_card_pipeline_and_no_token(tiny_pipeline, train_ima
     jax.config.update("jax_compilation_cache_dir", compile_cache)
     calls = []
     monkeypatch.setattr(hub, "preflight", lambda args: calls.append(("preflight", args.hub_token)) or "me/cat-toy")
-    monkeypatch.setattr(hub, "upload", lambda folder, repo, token=None: calls.append(("upload", folder, repo, token)))
+    monkeypatch.setattr(hub, "upload", lambda folder, repo, token=None, logging_dir=None:
+                        calls.append(("upload", folder, repo, token, logging_dir)))
     secret = "hf_secretTOKEN0123456789"
     out = str(tmp_path / "pushed")
     import signal
@@ -330,7 +331,7 @@ def test_push_to_hub_uploads_card_pipeline_and_no_token(tiny_pipeline, train_ima
     code = ti_flax.main(base_args(tiny_pipeline, train_images, out, train_batch_size=2, max_train_steps=1,
                                   push_to_hub=True, hub_token=secret))
     assert code == 0
-    assert calls == [("preflight", secret), ("upload", out, "me/cat-toy", secret)]
+    assert calls == [("preflight", secret), ("upload", out, "me/cat-toy", secret, "logs")]
     card = open(os.path.join(out, "README.md")).read()
     assert "me/cat-toy" in card and "<cat-toy>" in card and "textual_inversion" in card
     for name in ("learned_embeds.safetensors", "model_index.json", "text_encoder/flax_model.msgpack"):
