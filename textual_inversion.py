@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from textual_inversion_core import checkpoints, embeddings, hub, plots
+from textual_inversion_core import checkpoints, embeddings, hub, outputs, plots
 from textual_inversion_core.cli import parse_args, public_config
 from textual_inversion_core.data import STREAM_NOISE, example_seed, placeholder_tokens_for
 from textual_inversion_core.errors import UserError, run_cli
@@ -481,12 +481,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         learned = vectors.detach().float().cpu().numpy()
-        written = embeddings.write_all(args.output_dir, args.placeholder_token, learned, global_step,
-                                       args.pretrained_model_name_or_path, args.learnable_property,
-                                       export_formats=args.export_formats,
-                                       safe_serialization=not args.no_safe_serialization)
-        if loss_history:
-            written.append(plots.write_loss_curve(os.path.join(args.output_dir, "loss.png"), *zip(*loss_history)))
+        written = outputs.write_final_outputs(args, learned, global_step, loss_history)
         if args.save_as_full_pipeline or args.push_to_hub:
             save_full_pipeline(args, args.output_dir, text_encoder, tokenizer, unet.to(torch.float32), torch)
         if args.push_to_hub:

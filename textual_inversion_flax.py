@@ -27,7 +27,7 @@ import warnings
 
 import numpy as np
 
-from textual_inversion_core import checkpoints, embeddings, hub, plots
+from textual_inversion_core import checkpoints, embeddings, hub, outputs, plots
 from textual_inversion_core.cli import parse_args, public_config
 from textual_inversion_core.data import STREAM_NOISE, example_seed
 from textual_inversion_core.errors import UserError, run_cli
@@ -836,12 +836,7 @@ def train(argv, previous_handlers):
     # ---- Save
     if is_main:
         learned = np.asarray(p_vectors[0], np.float32)
-        written = embeddings.write_all(args.output_dir, args.placeholder_token, learned, global_step,
-                                       args.pretrained_model_name_or_path, args.learnable_property,
-                                       export_formats=args.export_formats,
-                                       safe_serialization=not args.no_safe_serialization)
-        if loss_history:
-            written.append(plots.write_loss_curve(os.path.join(args.output_dir, "loss.png"), *zip(*loss_history)))
+        written = outputs.write_final_outputs(args, learned, global_step, loss_history)
         if args.save_as_full_pipeline or args.push_to_hub:
             save_full_pipeline(args, args.output_dir, models, unreplicated_params(), tokenizer, scheduler_config)
         if args.push_to_hub:

@@ -67,10 +67,10 @@ def main():
     print()
     print(f"Done in {time.time() - started:.0f} s. Everything is in {out}/")
     print(f"  token           {TOKEN}   (A1111 / ComfyUI trigger word: {stem})")
-    print(f"  diffusers       learned_embeds.safetensors, learned_embeds.bin")
+    print("  diffusers       learned_embeds.safetensors, learned_embeds.bin")
     print(f"  AUTOMATIC1111   {stem}.pt          -> webui embeddings/ folder, write {stem!r} in a prompt")
     print(f"  ComfyUI, kohya  {stem}.safetensors -> ComfyUI/models/embeddings/, write 'embedding:{stem}'")
-    print(f"  loss curve      loss.png")
+    print("  loss curve      loss.png")
     if grid:
         print(f"  validation grid {os.path.basename(grid)}   (rows: training steps, from validation/)")
     print(f"  sample image    {os.path.basename(sample)}        (prompt: {prompt!r})")

@@ -20,7 +20,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from textual_inversion_core.hf_layout import add_text_model_prefix  # noqa: E402
+from textual_inversion_core.hf_layout import add_text_model_prefix, move_into  # noqa: E402
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
@@ -114,21 +114,32 @@ def make_pipeline(out_dir, size="tiny", seed=0):
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".tmp-pipeline-", dir=parent)
-        try:
-            pipe.save_pretrained(staging, safe_serialization=True)
-            # Tokenizer files for both transformers 4.x (vocab.json/merges.txt) and 5.x (tokenizer.json).
-            for name in ("vocab.json", "merges.txt"):
-                shutil.copy(os.path.join(tmp, name), os.path.join(staging, "tokenizer", name))
-            add_text_model_prefix(os.path.join(staging, "text_encoder"))
-            if os.path.isdir(out_dir):
-                shutil.rmtree(out_dir)
-            os.rename(staging, out_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        save_pipeline_folder(pipe, tmp, out_dir)
     return out_dir
+
+
+def save_pipeline_folder(pipe, tokenizer_dir, out_dir, extra_files=None):
+    """Save pipe as a folder both transformers 4.x and 5.x load, replacing out_dir's pipeline.
+
+    Written to a staging folder beside out_dir first; model_index.json is moved in last, so a crash
+    never leaves something that looks like a complete pipeline. tokenizer_dir holds vocab.json and
+    merges.txt (transformers 5 writes only tokenizer.json, which 4.x cannot read); extra_files maps
+    file names to text written at the top of the folder.
+    """
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-pipeline-", dir=parent)
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(staging, "tokenizer", name))
+        add_text_model_prefix(os.path.join(staging, "text_encoder"))
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(staging, name), "w") as f:
+                f.write(text)
+        move_into(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def main(argv=None):

@@ -18,7 +18,6 @@ the weights. Weights are stored in fp16 to keep the folder small (the CLIP vocab
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -28,9 +27,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from textual_inversion_core.data import OBJECT_TEMPLATES  # noqa: E402
-from textual_inversion_core.hf_layout import add_text_model_prefix, move_into  # noqa: E402
 from tools import shapes  # noqa: E402
-from tools.make_tiny_pipeline import find_clip_vocab, write_clip_tokenizer_files  # noqa: E402
+from tools.make_tiny_pipeline import find_clip_vocab, save_pipeline_folder, write_clip_tokenizer_files  # noqa: E402
 
 RESOLUTION = 32
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -155,20 +153,8 @@ def save_pipeline(out_dir, vae, unet, text_encoder, tokenizer_dir, report):
     pipe = StableDiffusionPipeline(vae=vae.half(), text_encoder=text_encoder.half(), tokenizer=tokenizer,
                                    unet=unet.half(), scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-shapes-sd-", dir=parent)
-    try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(staging, "tokenizer", name))
-        add_text_model_prefix(os.path.join(staging, "text_encoder"))
-        with open(os.path.join(staging, "pretraining.json"), "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        move_into(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    save_pipeline_folder(pipe, tokenizer_dir, out_dir,
+                         extra_files={"pretraining.json": json.dumps(report, indent=2) + "\n"})
 
 
 def main(argv=None):
