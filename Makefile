@@ -36,10 +36,10 @@ test-torch: setup
 test-flax: setup setup-flax
 	$(VENV_FLAX)/bin/python -m pytest -q tests/flax
 
-# Speed/memory benchmark (not part of `make test`): ~40 min, ~8 GB RAM, ~4 GB disk for the sd15 pipeline.
-# Narrow it with e.g. `make bench BENCH_ARGS="--only tiny"`; the Flax rows need `make setup-flax`.
+# Speed/memory benchmark (not part of `make test`): ~60 min, ~11 GB RAM, ~4 GB disk for the sd15 pipeline.
+# Narrow it with e.g. `make bench BENCH_ARGS="--only tiny"` or BENCH_ARGS="--skip flax".
 BENCH_ARGS ?=
-bench: setup
+bench: setup setup-flax
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 clean:
