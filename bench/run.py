@@ -70,6 +70,9 @@ def configurations():
     # Flax: no --gradient_checkpointing (diffusers' Flax UNet has none); fp32 and bf16.
     configs.append(("sd15-fp32-flax", "flax", "sd15", 512, 1, [], *SD15_STEPS))
     configs.append(("sd15-bf16-flax", "flax", "sd15", 512, 1, ["--mixed_precision", "bf16"], *SD15_STEPS))
+    # Flax's counterpart of --enable_xformers_memory_efficient_attention: chunked attention (memory).
+    configs.append(("sd15-fp32-chunked-attention-flax", "flax", "sd15", 512, 1,
+                    ["--enable_xformers_memory_efficient_attention"], *SD15_STEPS))
     return configs
 
 

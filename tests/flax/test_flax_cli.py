@@ -11,7 +11,6 @@ from textual_inversion_core.errors import UserError
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"enable_xformers_memory_efficient_attention": True}, "xFormers is a PyTorch library"),
     ({"mixed_precision": "fp16"}, "use --mixed_precision bf16"),
     ({"gradient_checkpointing": True}, "--gradient_checkpointing is not available in the Flax trainer"),
     ({"local_rank": 0}, "set by torch launchers"),
@@ -24,12 +23,11 @@ def test_flags_without_a_jax_meaning_are_refused(extra, message, tmp_path, train
 
 
 def test_refusal_is_one_line_with_exit_code_2(tmp_path, train_images):
-    argv = base_args(str(tmp_path / "no-model"), train_images, str(tmp_path / "out"),
-                     enable_xformers_memory_efficient_attention=True)
+    argv = base_args(str(tmp_path / "no-model"), train_images, str(tmp_path / "out"), mixed_precision="fp16")
     proc = subprocess.run([sys.executable, SCRIPT] + argv, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("textual_inversion_flax.py: error: --enable_xformers")
+    assert len(lines) == 1 and lines[0].startswith("textual_inversion_flax.py: error: --mixed_precision fp16")
 
 
 def test_not_a_pipeline_folder_is_one_clear_error(tmp_path, train_images):

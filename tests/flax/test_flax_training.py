@@ -213,6 +213,23 @@ def test_gradient_accumulation_equals_the_larger_batch(runs, tiny_pipeline, trai
     assert state["global_batch"] == 2
 
 
+def test_memory_efficient_attention_trains_the_same_vectors(runs, tiny_pipeline, train_images, compile_cache,
+                                                           tmp_path):
+    """--enable_xformers_memory_efficient_attention selects diffusers' chunked JAX attention: the same
+    softmax in blocks, recomputed in the backward. The result matches the plain run; the saved pipeline
+    keeps the plain config (how attention is computed is not part of the model)."""
+    out = str(tmp_path / "chunked-attention")
+    run_trainer(base_args(tiny_pipeline, train_images, out, train_batch_size=2, checkpointing_steps=2,
+                          enable_xformers_memory_efficient_attention=True, save_as_full_pipeline=True),
+                devices=1, cache=compile_cache)
+    _, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    _, reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
+    assert not np.array_equal(vectors, read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors"))[1])
+    np.testing.assert_allclose(vectors, reference, rtol=0, atol=1e-5)
+    config = json.load(open(os.path.join(out, "unet", "config.json")))
+    assert config.get("use_memory_efficient_attention", False) is False
+
+
 def test_bf16_schedule_and_scaled_lr(tiny_pipeline, train_images, compile_cache, tmp_path):
     out = str(tmp_path / "bf16")
     proc = run_trainer(base_args(tiny_pipeline, train_images, out, train_batch_size=1, gradient_accumulation_steps=2,
