@@ -480,14 +480,9 @@ def main(argv=None):
     # ---- Save
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        learned = vectors.detach().float().cpu().numpy()
-        written = outputs.write_final_outputs(args, learned, global_step, loss_history)
-        if args.save_as_full_pipeline or args.push_to_hub:
-            save_full_pipeline(args, args.output_dir, text_encoder, tokenizer, unet.to(torch.float32), torch)
-        if args.push_to_hub:
-            hub.publish(args, hub_repo_id)
-            logger.info("pushed to %s", hub_repo_id)
-        logger.info("wrote %s", ", ".join(os.path.basename(p) for p in written))
+        outputs.finish_run(args, vectors.detach().float().cpu().numpy(), global_step, loss_history, hub_repo_id,
+                           lambda: save_full_pipeline(args, args.output_dir, text_encoder, tokenizer,
+                                                      unet.to(torch.float32), torch), logger)
     accelerator.end_training()
     return 0
 

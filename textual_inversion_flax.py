@@ -843,14 +843,9 @@ def train(argv, previous_handlers):
 
     # ---- Save
     if is_main:
-        learned = np.asarray(p_vectors[0], np.float32)
-        written = outputs.write_final_outputs(args, learned, global_step, loss_history)
-        if args.save_as_full_pipeline or args.push_to_hub:
-            save_full_pipeline(args, args.output_dir, models, unreplicated_params(), tokenizer, scheduler_config)
-        if args.push_to_hub:
-            hub.publish(args, hub_repo_id)
-            logger.info("pushed to %s", hub_repo_id)
-        logger.info("wrote %s", ", ".join(os.path.basename(p) for p in written))
+        outputs.finish_run(args, np.asarray(p_vectors[0], np.float32), global_step, loss_history, hub_repo_id,
+                           lambda: save_full_pipeline(args, args.output_dir, models, unreplicated_params(), tokenizer,
+                                                      scheduler_config), logger)
     trackers.close()
     return 0
 
