@@ -3,7 +3,7 @@
 import json
 import os
 
-from . import atomic
+from . import atomic, plots
 from .embeddings import DIFFUSERS_SAFETENSORS, file_stem_for_token
 from .errors import UserError
 
@@ -126,7 +126,7 @@ def upload(output_dir, repo_id, token=None, message="End of training", logging_d
 
 def publish(args, repo_id):
     """End of a --push_to_hub run: model card showing the newest validation images, then the upload."""
-    folder = os.path.join(args.output_dir, "validation")
-    samples = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    write_model_card(args.output_dir, repo_id, args, images=[f"validation/{s}" for s in samples[-4:]])
+    by_step = plots.validation_images_by_step(os.path.join(args.output_dir, "validation"))
+    samples = [os.path.relpath(p, args.output_dir) for paths in by_step.values() for p in paths]
+    write_model_card(args.output_dir, repo_id, args, images=samples[-4:])
     return upload(args.output_dir, repo_id, token=args.hub_token, logging_dir=args.logging_dir)
