@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the trainers: seconds per step, time to first step, peak memory, final loss.
 
-    python bench/run.py                    # everything (tiny and sd15; sd15 needs ~8 GB RAM, ~30 min)
+    python bench/run.py                    # everything (tiny and sd15: ~60 min; the Flax sd15 rows peak at ~19 GB RAM)
     python bench/run.py --only tiny        # configurations whose name contains "tiny"
     python bench/run.py --report           # only redraw results.md / results.png from results.json
 
