@@ -310,9 +310,11 @@ def test_initializer_empty(tiny_pipeline, train_images, tmp_path):
     ("lr_scheduler", "cosine_annealing", "--lr_scheduler: invalid choice: 'cosine_annealing'"),
     ("mixed_precision", "fp8", "--mixed_precision: invalid choice"),
     ("max_train_steps", "ten", "--max_train_steps: invalid int value"),
-    ("learning_rate", "nan", "--learning_rate must be above 0"),
-    ("learning_rate", "1e39", "--learning_rate must be above 0 and at most 1e30"),
-    ("learning_rate", "0", "--learning_rate must be above 0"),
+    ("learning_rate", "nan", "--learning_rate must be 0 or more"),
+    ("learning_rate", "1e39", "--learning_rate must be 0 or more and at most 1e30"),
+    ("learning_rate", "-1e-4", "--learning_rate must be 0 or more"),
+    ("learning_rate", "inf", "--learning_rate must be 0 or more"),
+    ("logging_steps", 0, "--logging_steps must be at least 1, got 0"),
 ])
 def test_bad_flag_value(tiny_pipeline, train_images, tmp_path, flag, value, needle):
     out = str(tmp_path / "out")

@@ -111,6 +111,9 @@ def build_parser(prog=None, description=None):
     add("--validation_steps", type=int, default=100, help="Sample validation images every N steps.")
     add("--validation_epochs", type=int, default=None,
         help="Deprecated in diffusers: validate every N epochs (converted to steps).")
+    add("--logging_steps", type=int, default=10,
+        help="(ours) Bring the loss to the host (progress bar, finite check, trackers) every N steps; every step's "
+             "loss is still logged. Saving, validation and the last step always check it first.")
     add("--local_rank", type=int, default=-1, help="Set by distributed launchers.")
 
     # Checkpoints
@@ -144,6 +147,7 @@ def check_args(args):
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "repeats": args.repeats,
         "resolution": args.resolution, "num_train_epochs": args.num_train_epochs,
         "num_validation_images": args.num_validation_images, "lr_num_cycles": args.lr_num_cycles,
+        "logging_steps": args.logging_steps,
     }
     for name, value in positive.items():
         if value < 1:
@@ -153,9 +157,10 @@ def check_args(args):
     if args.resolution % 8:
         lower, upper = args.resolution // 8 * 8, args.resolution // 8 * 8 + 8
         raise UserError(f"--resolution {args.resolution} is not a multiple of 8; use {lower or 8} or {upper}")
-    # nan passes "<= 0"; near float32's limit (3.4e38) AdamW's step size overflows with a traceback.
-    if not 0 < args.learning_rate <= 1e30:
-        raise UserError(f"--learning_rate must be above 0 and at most 1e30, got {args.learning_rate} "
+    # 0 is allowed (it exports the initializer's embedding, as in diffusers); nan fails both comparisons;
+    # near float32's limit (3.4e38) AdamW's step size overflows with a traceback.
+    if not 0 <= args.learning_rate <= 1e30:
+        raise UserError(f"--learning_rate must be 0 or more and at most 1e30, got {args.learning_rate} "
                         "(typical values: 5e-4 to 5e-3)")
     if args.lr_warmup_steps < 0:
         raise UserError(f"--lr_warmup_steps must be 0 or more, got {args.lr_warmup_steps}")
