@@ -1,29 +1,16 @@
-"""Fixtures of the Flax tests (run in .venv-flax): a tiny pipeline, training images, an XLA cache.
-Helpers shared by the test modules live in flax_helpers.py."""
+"""Fixtures of the Flax tests (run in .venv-flax): an XLA cache and a transformers-5 copy of the tiny
+pipeline. The tiny pipeline, the training images and the helpers are shared with tests/, in helpers.py."""
 
-import numpy as np
+import os
+import sys
+
 import pytest
 
-from flax_helpers import REPO  # noqa: F401  (puts the repo root on sys.path)
+# tests/ holds helpers.py; pytest puts only this folder on sys.path when it runs tests/flax alone.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import tiny_pipeline, train_images  # noqa: E402
 
-
-@pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory):
-    from tools.make_tiny_pipeline import make_pipeline
-
-    return make_pipeline(str(tmp_path_factory.mktemp("flax-pipelines") / "tiny"), "tiny", seed=0)
-
-
-@pytest.fixture(scope="session")
-def train_images(tmp_path_factory):
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("flax-images")
-    rng = np.random.default_rng(0)
-    for i, size in enumerate([(80, 96), (64, 64), (120, 90)]):
-        pixels = (rng.random(size + (3,)) * 255).astype("uint8")
-        Image.fromarray(pixels).save(folder / f"image {i}.png")
-    return str(folder)
+__all__ = ["tiny_pipeline", "train_images"]
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +24,7 @@ def transformers5_pipeline(tiny_pipeline, tmp_path_factory):
     """The tiny pipeline with its text encoder re-saved by transformers 5 (.venv): keys lose `text_model.`."""
     import shutil
 
-    from flax_helpers import run_torch_python
+    from helpers import run_torch_python
 
     folder = str(tmp_path_factory.mktemp("flax-pipelines") / "tiny-transformers5")
     shutil.copytree(tiny_pipeline, folder)

@@ -1,10 +1,7 @@
 """Flags of the shared parser that JAX cannot honour are refused in one line, before any model loads."""
 
-import subprocess
-import sys
-
 import pytest
-from flax_helpers import REPO, SCRIPT, base_args
+from helpers import FLAX_SCRIPT, flax_base_args, run_script
 
 import textual_inversion_flax as ti_flax
 from textual_inversion_core.errors import UserError
@@ -17,21 +14,25 @@ from textual_inversion_core.errors import UserError
     ({"report_to": "comet_ml"}, "comet_ml is not supported by the Flax trainer"),
 ])
 def test_flags_without_a_jax_meaning_are_refused(extra, message, tmp_path, train_images):
-    argv = base_args(str(tmp_path / "no-model"), train_images, str(tmp_path / "out"), **extra)
+    argv = flax_base_args(str(tmp_path / "no-model"), train_images, str(tmp_path / "out"), **extra)
     with pytest.raises(UserError, match=message):
         ti_flax.main(argv)
 
 
 def test_refusal_is_one_line_with_exit_code_2(tmp_path, train_images):
-    argv = base_args(str(tmp_path / "no-model"), train_images, str(tmp_path / "out"), mixed_precision="fp16")
-    proc = subprocess.run([sys.executable, SCRIPT] + argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    """The script as users run it: run_cli turns the UserError into one stderr line and exit code 2."""
+    out = tmp_path / "out"
+    argv = flax_base_args(str(tmp_path / "no-model"), train_images, str(out), mixed_precision="fp16")
+    proc = run_script(argv, FLAX_SCRIPT, timeout=120)
     assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("textual_inversion_flax.py: error: --mixed_precision fp16")
+    assert not out.exists()  # refused before anything touched the disk
 
 
 def test_not_a_pipeline_folder_is_one_clear_error(tmp_path, train_images):
     (tmp_path / "empty-model").mkdir()
-    argv = base_args(str(tmp_path / "empty-model"), train_images, str(tmp_path / "out"))
+    argv = flax_base_args(str(tmp_path / "empty-model"), train_images, str(tmp_path / "out"))
     with pytest.raises(UserError, match="is not a Stable Diffusion pipeline folder"):
         ti_flax.main(argv)

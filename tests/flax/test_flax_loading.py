@@ -173,15 +173,11 @@ def test_weight_choice_prefers_flax_then_safetensors_then_bin():
 
 
 def test_unreachable_hub_id_is_one_clear_error(tmp_path, train_images):
-    import subprocess
-    import sys
+    from helpers import FLAX_SCRIPT, flax_base_args, run_script
 
-    from flax_helpers import REPO, SCRIPT, base_args
-
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
-    argv = base_args("nobody-here/no-such-model", train_images, str(tmp_path / "out"))
-    proc = subprocess.run([sys.executable, SCRIPT] + argv, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    argv = flax_base_args("nobody-here/no-such-model", train_images, str(tmp_path / "out"))
+    # run_script runs offline (HF_HUB_OFFLINE=1); an empty HF_HOME holds no cached copy either.
+    proc = run_script(argv, FLAX_SCRIPT, env={"HF_HOME": str(tmp_path / "hf-home")}, timeout=120)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("textual_inversion_flax.py: error: cannot load the model 'nobody-here/no-such-model'")

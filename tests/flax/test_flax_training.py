@@ -12,7 +12,8 @@ import shutil
 
 import numpy as np
 import pytest
-from flax_helpers import SCRIPT, TORCH_PYTHON, TORCH_SCRIPT, base_args, read_vectors, run_torch_python, run_trainer
+from helpers import (FLAX_SCRIPT, TORCH_PYTHON, TORCH_SCRIPT, flax_base_args, jax_env, read_vectors, run_flax,
+                     run_script, run_torch_python, script_env)
 
 import textual_inversion_flax as ti_flax
 from textual_inversion_core.cli import flag_names
@@ -25,16 +26,16 @@ PLACEHOLDER_TOKENS = ["<cat-toy>", "<cat-toy>_1"]
 def runs(tiny_pipeline, train_images, compile_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("flax-runs")
     out = {name: str(root / name) for name in ("two_devices", "one_device", "resumed")}
-    run_trainer(base_args(tiny_pipeline, train_images, out["two_devices"], train_batch_size=1, checkpointing_steps=2,
-                          save_steps=2, validation_prompt="a photo of <cat-toy>", num_validation_images=1,
-                          validation_steps=STEPS, save_as_full_pipeline=True, report_to="tensorboard"),
-                devices=2, cache=compile_cache)
-    run_trainer(base_args(tiny_pipeline, train_images, out["one_device"], train_batch_size=2, checkpointing_steps=2,
-                          save_steps=2), devices=1, cache=compile_cache)
+    run_flax(flax_base_args(tiny_pipeline, train_images, out["two_devices"], train_batch_size=1, checkpointing_steps=2,
+                            save_steps=2, validation_prompt="a photo of <cat-toy>", num_validation_images=1,
+                            validation_steps=STEPS, save_as_full_pipeline=True, report_to="tensorboard"),
+             devices=2, cache=compile_cache)
+    run_flax(flax_base_args(tiny_pipeline, train_images, out["one_device"], train_batch_size=2, checkpointing_steps=2,
+                            save_steps=2), devices=1, cache=compile_cache)
     os.makedirs(out["resumed"])
     shutil.copytree(os.path.join(out["one_device"], "checkpoint-2"), os.path.join(out["resumed"], "checkpoint-2"))
-    proc = run_trainer(base_args(tiny_pipeline, train_images, out["resumed"], train_batch_size=2,
-                                 resume_from_checkpoint="latest"), devices=1, cache=compile_cache)
+    proc = run_flax(flax_base_args(tiny_pipeline, train_images, out["resumed"], train_batch_size=2,
+                                   resume_from_checkpoint="latest"), devices=1, cache=compile_cache)
     assert "resumed from" in proc.stderr
     return out
 
@@ -49,7 +50,7 @@ def test_help_lists_the_same_flags_as_the_pytorch_script():
         assert proc.returncode == 0, proc.stderr
         return sorted(set(re.findall(r"--[a-z][a-z0-9_]*", proc.stdout)) - {"--help"})
 
-    flax_flags = flags_in_help(sys.executable, SCRIPT)
+    flax_flags = flags_in_help(sys.executable, FLAX_SCRIPT)
     torch_flags = flags_in_help(TORCH_PYTHON, TORCH_SCRIPT)
     assert flax_flags == torch_flags == flag_names()
     assert "--enable_xformers_memory_efficient_attention" in flax_flags and "--resume_from_checkpoint" in flax_flags
@@ -71,10 +72,10 @@ def test_two_device_run_writes_every_output(runs):
     assert open(os.path.join(out, "type_of_concept.txt")).read() == "object"
     assert any(f.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(out, "logs")) for f in files)
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
-    token, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
-    assert token == "<cat-toy>" and vectors.dtype == np.float32 and vectors.shape == (2, 32)
+    vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"), token="<cat-toy>")  # the only key
+    assert vectors.dtype == np.float32 and vectors.shape == (2, 32)
     # The final file equals the last step file and the last checkpoint: one set of trained vectors.
-    np.testing.assert_array_equal(read_vectors(os.path.join(out, "learned_embeds-steps-4.safetensors"))[1], vectors)
+    np.testing.assert_array_equal(read_vectors(os.path.join(out, "learned_embeds-steps-4.safetensors")), vectors)
     from safetensors.numpy import load_file
 
     state = json.load(open(os.path.join(out, "checkpoint-4", "training_state.json")))
@@ -91,7 +92,7 @@ def test_two_device_run_writes_every_output(runs):
 def test_every_vector_trained_and_starts_from_the_initializer(runs, tiny_pipeline):
     from transformers import CLIPTokenizer
 
-    _, vectors = read_vectors(os.path.join(runs["two_devices"], "learned_embeds.safetensors"))
+    vectors = read_vectors(os.path.join(runs["two_devices"], "learned_embeds.safetensors"))
     import jax.numpy as jnp
 
     _, te_params, _ = ti_flax.load_component(tiny_pipeline, "text_encoder", None, jnp.float32)
@@ -103,19 +104,19 @@ def test_every_vector_trained_and_starts_from_the_initializer(runs, tiny_pipelin
 
 
 def test_two_devices_equal_one_device_with_the_same_global_batch(runs):
-    _, two = read_vectors(os.path.join(runs["two_devices"], "learned_embeds.safetensors"))
-    _, one = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
+    two = read_vectors(os.path.join(runs["two_devices"], "learned_embeds.safetensors"))
+    one = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-6)
     # The step-2 embedding too: the same examples in the same order, not only a similar end point.
-    np.testing.assert_allclose(read_vectors(os.path.join(runs["two_devices"], "learned_embeds-steps-2.safetensors"))[1],
-                               read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors"))[1],
+    np.testing.assert_allclose(read_vectors(os.path.join(runs["two_devices"], "learned_embeds-steps-2.safetensors")),
+                               read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors")),
                                rtol=0, atol=1e-6)
 
 
 def test_resume_equals_uninterrupted(runs):
-    _, resumed = read_vectors(os.path.join(runs["resumed"], "learned_embeds.safetensors"))
-    _, straight = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
-    _, at_two = read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors"))
+    resumed = read_vectors(os.path.join(runs["resumed"], "learned_embeds.safetensors"))
+    straight = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
+    at_two = read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors"))
     assert np.abs(resumed - at_two).max() > 1e-4  # the resumed run did train steps 3 and 4
     np.testing.assert_allclose(resumed, straight, rtol=0, atol=1e-6)
 
@@ -123,7 +124,7 @@ def test_resume_equals_uninterrupted(runs):
 def test_outputs_load_in_pytorch_diffusers(runs, tiny_pipeline):
     """load_textual_inversion (PyTorch env) gives rows equal to the trained vectors; other rows unchanged."""
     out = runs["two_devices"]
-    _, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     result = run_torch_python(
         "import json, sys, torch\n"
         "from diffusers import StableDiffusionPipeline\n"
@@ -153,7 +154,7 @@ def test_saved_flax_pipeline_loads_and_only_the_new_rows_differ(runs, tiny_pipel
     from flax.traverse_util import flatten_dict
 
     out = runs["two_devices"]
-    _, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     pipeline, params = FlaxStableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None)
     ids = pipeline.tokenizer.convert_tokens_to_ids(PLACEHOLDER_TOKENS)
     saved_table = np.asarray(params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"])
@@ -172,18 +173,15 @@ def test_saved_flax_pipeline_loads_and_only_the_new_rows_differ(runs, tiny_pipel
 
 def test_pytorch_trainer_resumes_a_flax_checkpoint(runs, tiny_pipeline, train_images, tmp_path):
     """Checkpoints are framework-neutral: textual_inversion.py continues from the Flax checkpoint-2."""
-    import subprocess
-
     out = str(tmp_path / "torch-resume")
     os.makedirs(out)
     shutil.copytree(os.path.join(runs["one_device"], "checkpoint-2"), os.path.join(out, "checkpoint-2"))
-    proc = subprocess.run([TORCH_PYTHON, TORCH_SCRIPT] + base_args(tiny_pipeline, train_images, out, train_batch_size=2,
-                                                                  max_train_steps=3, resume_from_checkpoint="latest"),
-                          capture_output=True, text=True, timeout=600)
+    proc = run_script(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=2, max_train_steps=3,
+                                     resume_from_checkpoint="latest"), TORCH_SCRIPT, python=TORCH_PYTHON)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "another global batch" not in proc.stderr
-    _, at_two = read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors"))
-    _, torch_three = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    at_two = read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors"))
+    torch_three = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     # One AdamW step of lr 5e-3 with the restored moments: moved, by at most a few learning rates.
     assert 1e-4 < np.abs(torch_three - at_two).max() < 5 * 5e-3
 
@@ -193,21 +191,21 @@ def test_transformers5_pipeline_trains_with_the_real_weights(runs, transformers5
     """The same run on the transformers-5 (unprefixed) copy of the pipeline gives the same vectors: it
     trained with the real text-encoder weights (random ones would give other vectors)."""
     out = str(tmp_path / "transformers5")
-    proc = run_trainer(base_args(transformers5_pipeline, train_images, out, train_batch_size=2), devices=1,
-                       cache=compile_cache)
+    proc = run_flax(flax_base_args(transformers5_pipeline, train_images, out, train_batch_size=2), devices=1,
+                    cache=compile_cache)
     assert "text_model. prefix added" in proc.stderr
-    _, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
-    _, reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
+    vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
     np.testing.assert_array_equal(vectors, reference)
 
 
 def test_gradient_accumulation_equals_the_larger_batch(runs, tiny_pipeline, train_images, compile_cache, tmp_path):
     """2 micro-batches of 1 draw the same examples as 1 batch of 2 and average the same gradients."""
     out = str(tmp_path / "accumulated")
-    run_trainer(base_args(tiny_pipeline, train_images, out, train_batch_size=1, gradient_accumulation_steps=2,
-                          checkpointing_steps=STEPS), devices=1, cache=compile_cache)
-    _, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
-    _, reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
+    run_flax(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=1, gradient_accumulation_steps=2,
+                            checkpointing_steps=STEPS), devices=1, cache=compile_cache)
+    vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
     np.testing.assert_allclose(vectors, reference, rtol=0, atol=1e-6)
     state = json.load(open(os.path.join(out, f"checkpoint-{STEPS}", "training_state.json")))
     assert state["global_batch"] == 2
@@ -219,12 +217,12 @@ def test_memory_efficient_attention_trains_the_same_vectors(runs, tiny_pipeline,
     softmax in blocks, recomputed in the backward. The result matches the plain run; the saved pipeline
     keeps the plain config (how attention is computed is not part of the model)."""
     out = str(tmp_path / "chunked-attention")
-    run_trainer(base_args(tiny_pipeline, train_images, out, train_batch_size=2, checkpointing_steps=2,
-                          enable_xformers_memory_efficient_attention=True, save_as_full_pipeline=True),
-                devices=1, cache=compile_cache)
-    _, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
-    _, reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
-    assert not np.array_equal(vectors, read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors"))[1])
+    run_flax(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=2, checkpointing_steps=2,
+                            enable_xformers_memory_efficient_attention=True, save_as_full_pipeline=True),
+             devices=1, cache=compile_cache)
+    vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
+    assert not np.array_equal(vectors, read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors")))
     np.testing.assert_allclose(vectors, reference, rtol=0, atol=1e-5)
     config = json.load(open(os.path.join(out, "unet", "config.json")))
     assert config.get("use_memory_efficient_attention", False) is False
@@ -232,18 +230,18 @@ def test_memory_efficient_attention_trains_the_same_vectors(runs, tiny_pipeline,
 
 def test_bf16_schedule_and_scaled_lr(tiny_pipeline, train_images, compile_cache, tmp_path):
     out = str(tmp_path / "bf16")
-    proc = run_trainer(base_args(tiny_pipeline, train_images, out, train_batch_size=1, gradient_accumulation_steps=2,
-                                 mixed_precision="bf16", lr_scheduler="cosine", lr_warmup_steps=1, max_train_steps=3,
-                                 scale_lr=True, checkpointing_steps=3, validation_prompt="a <cat-toy> toy",
-                                 num_validation_images=2, validation_steps=3),
-                       devices=2, cache=compile_cache)
+    proc = run_flax(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=1, gradient_accumulation_steps=2,
+                                   mixed_precision="bf16", lr_scheduler="cosine", lr_warmup_steps=1, max_train_steps=3,
+                                   scale_lr=True, checkpointing_steps=3, validation_prompt="a <cat-toy> toy",
+                                   num_validation_images=2, validation_steps=3),
+                    devices=2, cache=compile_cache)
     assert "frozen weights bfloat16, learned vectors float32" in proc.stderr
     from PIL import Image
 
     for i in range(2):  # sampling works with bf16 weights too
         with Image.open(os.path.join(out, "validation", f"step-000003-{i}.png")) as image:
             assert image.size == (64, 64) and np.asarray(image).std() > 0
-    token, vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     assert vectors.dtype == np.float32 and np.isfinite(vectors).all()
     state = json.load(open(os.path.join(out, "checkpoint-3", "training_state.json")))
     # --scale_lr: x batch per device (1) x devices (2) x accumulation (2)
@@ -268,13 +266,11 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tiny_pipeline, train_images, co
     import time
 
     out = str(tmp_path / "stopped")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = script_env(jax_env(devices=1, cache=compile_cache))
     log_path = str(tmp_path / "stderr.txt")
-    argv = base_args(tiny_pipeline, train_images, out, train_batch_size=2, max_train_steps=400)
+    argv = flax_base_args(tiny_pipeline, train_images, out, train_batch_size=2, max_train_steps=400)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, SCRIPT] + argv, env=env, stderr=log, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, FLAX_SCRIPT] + argv, env=env, stderr=log, stdout=subprocess.DEVNULL)
         deadline = time.time() + 300
         while time.time() < deadline and not re.search(r"\b[2-9]/400\b", open(log_path).read()):
             assert proc.poll() is None, open(log_path).read()[-3000:]
@@ -285,8 +281,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tiny_pipeline, train_images, co
     assert 2 <= step < 400
     assert os.path.isfile(os.path.join(out, f"learned_embeds-steps-{step}.safetensors"))
     assert not os.path.exists(os.path.join(out, "learned_embeds.safetensors"))  # the run is not finished
-    proc = run_trainer(base_args(tiny_pipeline, train_images, out, train_batch_size=2, max_train_steps=step + 1,
-                                 resume_from_checkpoint="latest"), devices=1, cache=compile_cache)
+    proc = run_flax(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=2, max_train_steps=step + 1,
+                                   resume_from_checkpoint="latest"), devices=1, cache=compile_cache)
     assert f"at step {step}" in proc.stderr
     assert os.path.isfile(os.path.join(out, "learned_embeds.safetensors"))
 
@@ -304,12 +300,12 @@ def test_two_hosts_equal_one_host(runs, tiny_pipeline, train_images, compile_cac
     outs = [str(tmp_path / f"host{i}") for i in range(2)]
     procs = []
     for rank in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
-        argv = base_args(tiny_pipeline, train_images, outs[rank], train_batch_size=1)
+        env = script_env(dict(jax_env(devices=1), JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                              JAX_PROCESS_ID=str(rank)))
+        argv = flax_base_args(tiny_pipeline, train_images, outs[rank], train_batch_size=1)
         # Logs to files, not pipes: a full pipe would stall one host and with it the other.
         with open(tmp_path / f"host{rank}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, SCRIPT] + argv, env=env, stdout=subprocess.DEVNULL,
+            procs.append(subprocess.Popen([sys.executable, FLAX_SCRIPT] + argv, env=env, stdout=subprocess.DEVNULL,
                                           stderr=log))
     try:
         results = [(p.wait(timeout=600), (tmp_path / f"host{rank}.log").read_text()) for rank, p in enumerate(procs)]
@@ -321,8 +317,8 @@ def test_two_hosts_equal_one_host(runs, tiny_pipeline, train_images, compile_cac
         assert code == 0, stderr[-3000:]
     assert "hosts = 2, devices = 2 (local 1)" in results[0][1]
     assert os.listdir(outs[1]) == []
-    _, vectors = read_vectors(os.path.join(outs[0], "learned_embeds.safetensors"))
-    _, reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
+    vectors = read_vectors(os.path.join(outs[0], "learned_embeds.safetensors"))
+    reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
     # Cross-process (gloo) sums add in another order than in-process ones: agreement to float32 rounding.
     np.testing.assert_allclose(vectors, reference, rtol=0, atol=2e-6)
 
@@ -345,8 +341,8 @@ def test_push_to_hub_uploads_card_pipeline_and_no_token(tiny_pipeline, train_ima
     import signal
 
     handlers_before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
-    code = ti_flax.main(base_args(tiny_pipeline, train_images, out, train_batch_size=2, max_train_steps=1,
-                                  push_to_hub=True, hub_token=secret))
+    code = ti_flax.main(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=2, max_train_steps=1,
+                                       push_to_hub=True, hub_token=secret))
     assert code == 0
     assert calls == [("preflight", secret), ("upload", out, "me/cat-toy", secret, "logs")]
     card = open(os.path.join(out, "README.md")).read()

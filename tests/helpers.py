@@ -1,0 +1,142 @@
+"""Helpers of both test suites: tests/ (PyTorch trainer, run in .venv) and tests/flax/ (run in .venv-flax).
+
+Command lines for the tiny pipeline, running a trainer as users do (a subprocess), reading learned
+vectors, the training images and the session fixtures both suites use. Only the standard library,
+numpy and pytest are imported at module level, so this loads in either environment.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+TORCH_SCRIPT = os.path.join(REPO, "textual_inversion.py")
+FLAX_SCRIPT = os.path.join(REPO, "textual_inversion_flax.py")
+# The PyTorch environment (transformers 5, diffusers 0.4x): the Flax suite checks its outputs load there.
+TORCH_PYTHON = os.path.join(REPO, ".venv", "bin", "python")
+PLACEHOLDER = "<cat-toy>"
+
+# Fast runs on the tiny pipeline. The suites' own defaults are what their assertions are written
+# against (e.g. the Flax checkpoints' seed 7 and 2 vectors).
+TORCH_DEFAULTS = {
+    "placeholder_token": PLACEHOLDER, "initializer_token": "toy", "resolution": 64, "train_batch_size": 2,
+    "max_train_steps": 6, "learning_rate": 5e-3, "lr_warmup_steps": 0, "seed": 1234, "report_to": "none",
+    "checkpointing_steps": 0, "save_steps": 0,
+}
+FLAX_DEFAULTS = {
+    "placeholder_token": PLACEHOLDER, "initializer_token": "toy", "resolution": 64, "train_batch_size": 1,
+    "max_train_steps": 4, "learning_rate": 5e-3, "lr_scheduler": "constant", "lr_warmup_steps": 0, "seed": 7,
+    "num_vectors": 2, "save_steps": 0, "checkpointing_steps": 0, "report_to": "none",
+}
+
+
+def base_args(pipeline, data_dir, output_dir, defaults=TORCH_DEFAULTS, **overrides):
+    """A command line for the tiny pipeline: --flag=value items; overrides use flag names without
+    dashes, True gives a bare --flag, None or False drops the flag."""
+    options = {"pretrained_model_name_or_path": pipeline, "train_data_dir": data_dir, "output_dir": output_dir,
+               **defaults, **overrides}
+    argv = []
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        argv.append(f"--{key}" if value is True else f"--{key}={value}")
+    return argv
+
+
+def flax_base_args(pipeline, data_dir, output_dir, **overrides):
+    return base_args(pipeline, data_dir, output_dir, defaults=FLAX_DEFAULTS, **overrides)
+
+
+def script_env(extra=None):
+    """The environment of a trainer subprocess: this one's, offline and unbuffered, plus extra."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    # Inherited from a launcher around pytest, it would make every run one rank of a job (Flax refuses it).
+    env.pop("LOCAL_RANK", None)
+    env.update(extra or {})
+    return env
+
+
+def run_script(argv, script=TORCH_SCRIPT, python=sys.executable, env=None, launcher=None, timeout=600,
+               check=False):
+    """Run a trainer as users do (a subprocess in the repo root); returns the CompletedProcess, text output.
+
+    launcher replaces the interpreter (e.g. [accelerate, "launch", ...]); check=True fails unless it exits with 0.
+    """
+    command = (launcher or [python]) + [script] + [str(a) for a in argv]
+    result = subprocess.run(command, cwd=REPO, env=script_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{os.path.basename(script)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def jax_env(devices=1, cache=None):
+    """Variables that give a Flax trainer `devices` CPU devices and, with cache, a persistent XLA cache
+    shared by every run of the session (identical steps compile once)."""
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    if cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def run_flax(argv, devices=1, cache=None, timeout=600, check=True):
+    """run_script for textual_inversion_flax.py on `devices` forced CPU devices; fails unless it exits with 0."""
+    return run_script(argv, FLAX_SCRIPT, env=jax_env(devices, cache), timeout=timeout, check=check)
+
+
+def run_torch_python(code, *args, timeout=300):
+    """Run code in the PyTorch environment (.venv); returns its JSON on the last stdout line."""
+    proc = subprocess.run([TORCH_PYTHON, "-c", code] + [str(a) for a in args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torch-env check failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def read_vectors(path, token=PLACEHOLDER):
+    """The learned vectors (numpy) of an embedding file, which must hold `token` and nothing else."""
+    from safetensors.numpy import load_file
+
+    data = load_file(path)
+    assert list(data) == [token], (path, list(data))
+    return data[token]
+
+
+def write_images(folder, count=4, size=(80, 96), seed=0):
+    """count PNG pictures of size (height, width) in folder; returns the folder as a string."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        # Smooth colour blobs, not pure noise, so the VAE sees image-like statistics.
+        y, x = np.mgrid[0 : size[0], 0 : size[1]]
+        cx, cy = rng.uniform(0, size[1]), rng.uniform(0, size[0])
+        blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * (size[0] / 4) ** 2))
+        colour = rng.uniform(0, 255, 3)
+        image = (blob[..., None] * colour + (1 - blob[..., None]) * 255 * rng.uniform(0, 1, 3)).astype(np.uint8)
+        Image.fromarray(image).save(os.path.join(folder, f"image_{i}.png"))
+    return str(folder)
+
+
+# Session fixtures of both suites; each conftest.py imports them so that pytest finds them.
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """A random-weight tiny SD pipeline folder with the real CLIP vocabulary (built once per session)."""
+    from tools.make_tiny_pipeline import make_pipeline
+
+    return make_pipeline(str(tmp_path_factory.mktemp("pipelines") / "tiny"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def train_images(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("data") / "images")
