@@ -1,6 +1,8 @@
 """Embedding file formats: every writer reads back equal, the converter goes from any format to any
 other, diffusers loads our files, and --init_from starts training from each readable format."""
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -61,11 +63,13 @@ def test_export_formats_subset_writes_only_diffusers(tmp_path):
 def test_file_layouts_match_what_other_tools_expect(tmp_path):
     """The exact keys A1111, kohya/ComfyUI and diffusers look for, read with plain torch/safetensors."""
     vectors = random_vectors(2)
-    embeddings.write_all(str(tmp_path), TOKEN, vectors, 7, "org/base", "object", export_formats=("a1111", "kohya"))
+    embeddings.write_all(str(tmp_path), TOKEN, vectors, 7, "org/base", "object", export_formats=("a1111", "kohya"),
+                         base_model_hash="0123456789")
     a1111 = torch.load(tmp_path / "cat-toy.pt", weights_only=True)
     assert set(a1111) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
     assert a1111["string_to_token"] == {"*": 265} and a1111["name"] == "cat-toy" and a1111["step"] == 7
-    assert a1111["sd_checkpoint_name"] == "org/base"
+    # As the webui's own trainer stores them: the model's name and a short hash.
+    assert a1111["sd_checkpoint_name"] == "org/base" and a1111["sd_checkpoint"] == "0123456789"
     param = a1111["string_to_param"]["*"]
     assert param.dtype == torch.float32 and param.device.type == "cpu" and not param.requires_grad
     np.testing.assert_array_equal(param.numpy(), vectors)
@@ -76,6 +80,7 @@ def test_file_layouts_match_what_other_tools_expect(tmp_path):
     with safe_open(str(tmp_path / "cat-toy.safetensors"), framework="np") as f:
         meta = f.metadata()
     assert meta["token"] == TOKEN and meta["base_model"] == "org/base" and meta["num_vectors"] == "2" and meta["steps"] == "7"
+    assert meta["base_model_hash"] == "0123456789"
     diffusers_bin = torch.load(tmp_path / "learned_embeds.bin", weights_only=True)
     assert list(diffusers_bin) == [TOKEN] and diffusers_bin[TOKEN].shape == (2, TINY_DIM)
 
@@ -140,6 +145,76 @@ def test_unreadable_files_give_one_line_errors(tmp_path):
     save_file({"<x>": random_vectors(1, 768)}, str(tmp_path / "wide.safetensors"))
     with pytest.raises(UserError, match="width 768 does not match the text encoder's 32"):
         embeddings.read_embedding(str(tmp_path / "wide.safetensors"), expected_dim=TINY_DIM)
+
+
+# --------------------------------------------------------------------------------------------------
+# The base model: named by hub id or folder name, hashed by its text-encoder weights
+
+
+def sha256_prefix(*paths):
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(open(path, "rb").read())
+    return digest.hexdigest()[:10]
+
+
+def test_local_base_model_is_its_folder_name_and_text_encoder_hash(tiny_pipeline, tmp_path, monkeypatch):
+    weights = os.path.join(tiny_pipeline, "text_encoder", "model.safetensors")
+    assert embeddings.public_model_name(tiny_pipeline) == "tiny"
+    assert embeddings.public_model_name(tiny_pipeline + "/") == "tiny"
+    monkeypatch.chdir(os.path.dirname(tiny_pipeline))
+    assert embeddings.public_model_name("./tiny") == "tiny"
+    assert embeddings.text_encoder_short_hash(tiny_pipeline) == sha256_prefix(weights)
+
+    # Sharded weights hash in shard order; a --variant's file is preferred over the plain one.
+    model = tmp_path / "sharded"
+    (model / "text_encoder").mkdir(parents=True)
+    for name, data in {"model-00002-of-00002.safetensors": b"second", "model-00001-of-00002.safetensors": b"first",
+                       "model.fp16.safetensors": b"half"}.items():
+        (model / "text_encoder" / name).write_bytes(data)
+    (model / "text_encoder" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}}))
+    shards = [str(model / "text_encoder" / f"model-0000{i}-of-00002.safetensors") for i in (1, 2)]
+    assert embeddings.text_encoder_short_hash(str(model)) == sha256_prefix(*shards)
+    assert embeddings.text_encoder_short_hash(str(model), variant="fp16") == sha256_prefix(
+        str(model / "text_encoder" / "model.fp16.safetensors"))
+    assert embeddings.text_encoder_short_hash(str(tmp_path / "no-such-model")) is None
+
+
+def test_hub_base_model_is_its_id_and_the_cached_text_encoder_hash(tmp_path, monkeypatch):
+    """A hub id stays as it is; the hash is of the text encoder in the local Hub cache (the files the run used)."""
+    import huggingface_hub.constants as hf_constants
+
+    commit = "a" * 40
+    repo_cache = tmp_path / "hub" / "models--some-org--some-model"
+    (repo_cache / "refs").mkdir(parents=True)
+    (repo_cache / "refs" / "main").write_text(commit)
+    weights = repo_cache / "snapshots" / commit / "text_encoder" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"text encoder weights")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    assert embeddings.public_model_name("some-org/some-model") == "some-org/some-model"
+    assert embeddings.text_encoder_short_hash("some-org/some-model") == sha256_prefix(str(weights))
+    assert embeddings.text_encoder_short_hash("some-org/not-downloaded") is None
+
+
+def test_files_made_elsewhere_lose_the_path_of_their_base_model(tmp_path):
+    """An A1111 file as older tools wrote it names the model by a local path: converted files keep only its name."""
+    vectors = random_vectors(2)
+    source = str(tmp_path / "old.pt")
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.from_numpy(vectors)}, "name": "old",
+                "step": 3, "sd_checkpoint": "abcdef0123", "sd_checkpoint_name": "/home/someone/models/sd15"}, source)
+    token, written = convert.convert(source, str(tmp_path / "out") + "/")
+    for path in written:
+        assert b"/home/someone" not in open(path, "rb").read(), path
+    for name in ("old.pt", "old.safetensors"):
+        found = embeddings.load_embedding(str(tmp_path / "out" / name))
+        assert (found.base_model, found.base_model_hash, found.step) == ("sd15", "abcdef0123", 3), name
+    for written_name, expected in {"C:\\Users\\me\\sd15": "sd15", "~/models/sd15/": "sd15", "org/model": "org/model",
+                                   "": None}.items():
+        embeddings.write_a1111(str(tmp_path / "x.pt"), TOKEN, vectors, 1, written_name)
+        assert embeddings.load_embedding(str(tmp_path / "x.pt")).base_model == expected, written_name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,6 +299,10 @@ def test_diffusers_load_textual_inversion_gives_same_prompt_embeddings(tiny_pipe
 
     vectors = random_vectors(3, seed=11)
     embeddings.write_all(str(tmp_path), TOKEN, vectors, 5, tiny_pipeline, "object", export_formats=("a1111", "kohya"))
+    embeddings.write_diffusers(str(tmp_path), TOKEN, vectors, suffix="-steps-5")
+    os.makedirs(tmp_path / "converted")
+    for name in ("webui.pt", "learned_embeds.bin"):
+        convert.convert(str(tmp_path / "learned_embeds.safetensors"), str(tmp_path / "converted" / name))
 
     def prompt_embeds(source, token_in_prompt, **load_kwargs):
         pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None, requires_safety_checker=False)
@@ -242,6 +321,9 @@ def test_diffusers_load_textual_inversion_gives_same_prompt_embeddings(tiny_pipe
     from_a1111_named = prompt_embeds(str(tmp_path / "cat-toy.pt"), TOKEN, token=TOKEN)
     from_kohya = prompt_embeds(str(tmp_path / "cat-toy.safetensors"), TOKEN, token=TOKEN)
     np.testing.assert_array_equal(from_folder, from_bin)
+    np.testing.assert_array_equal(from_folder, prompt_embeds(str(tmp_path / "learned_embeds-steps-5.bin"), TOKEN))
+    np.testing.assert_array_equal(from_folder, prompt_embeds(str(tmp_path / "converted" / "learned_embeds.bin"), TOKEN))
+    np.testing.assert_array_equal(from_folder, prompt_embeds(str(tmp_path / "converted" / "webui.pt"), TOKEN, token=TOKEN))
     np.testing.assert_array_equal(from_folder, from_a1111_named)
     np.testing.assert_array_equal(from_folder, from_kohya)
     # "cat-toy" and "<cat-toy>" tokenise their neighbours alike, so the embeddings match too.

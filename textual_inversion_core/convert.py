@@ -62,16 +62,18 @@ def convert(input_path, output_path, token=None, fmt=None, dim=None, learnable_p
         raise UserError(f"--token {token!r} must be one word without spaces, e.g. <cat-toy>")
     if os.path.abspath(input_path) == os.path.abspath(output_path):
         raise UserError("IN and OUT are the same file; write the converted embedding to another path")
-    step, base_model = found.step or 0, found.base_model or ""
+    # The base model's name as IN stored it: the writers cut a path (an older file's sd_checkpoint_name) to its
+    # last part, so a converted file never names a folder of the machine IN was made on.
+    step, base_model, base_hash = found.step or 0, found.base_model or "", found.base_model_hash
     if fmt == FOLDER:
         os.makedirs(output_path, exist_ok=True)
         written = embeddings.write_all(output_path, token, found.vectors, step, base_model, learnable_property,
-                                       export_formats=("a1111", "kohya"))
+                                       export_formats=("a1111", "kohya"), base_model_hash=base_hash)
     else:
         folder = os.path.dirname(os.path.abspath(output_path))
         if not os.path.isdir(folder):
             raise UserError(f"folder {folder!r} for OUT does not exist; create it first")
-        written = [embeddings.write_embedding(output_path, fmt, token, found.vectors, step, base_model)]
+        written = [embeddings.write_embedding(output_path, fmt, token, found.vectors, step, base_model, base_hash)]
     return token, written
 
 

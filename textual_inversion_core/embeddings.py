@@ -1,11 +1,16 @@
 """Embedding files: writers and readers for diffusers, AUTOMATIC1111 and kohya/ComfyUI formats.
 
 Vectors travel as numpy float32 arrays [num_vectors, dim]. Pickle-based formats (.bin, .pt) need
-torch and import it only when used; they are read with ``weights_only=True``.
+torch and import it only when used; they are written in torch's legacy (non-zip) layout, which the
+AUTOMATIC1111 webui's safe loader accepts, and read with ``weights_only=True``.
+
+Files name the base model by its hub id or its folder's name, never by a local path.
 """
 
 import dataclasses
+import hashlib
 import io
+import json
 import os
 import re
 from typing import Optional
@@ -35,6 +40,107 @@ def _torch():
     return torch
 
 
+def _pickle_bytes(obj):
+    """torch.save bytes in the legacy layout: the webui's safe loader refuses the entries that torch's zip layout
+    now adds (.format_version, .storage_alignment); torch.load(weights_only=True) and diffusers read both."""
+    torch = _torch()
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, _use_new_zipfile_serialization=False)
+    return buffer.getvalue()
+
+
+# Hub ids are "name" or "owner/name" of letters, digits and -_. ; anything else is taken for a path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def model_name_without_path(name):
+    """name with any directories dropped, judged from the text alone (for names read from files made elsewhere):
+    a hub id stays, '/home/me/models/sd15' or 'C:\\models\\sd15' becomes 'sd15'."""
+    text = str(name or "").strip()
+    if not text or (_HUB_ID.match(text) and ".." not in text):
+        return text
+    parts = [p for p in re.split(r"[\\/]+", text) if p not in ("", ".", "..")]
+    return parts[-1] if parts else ""
+
+
+def is_local_model(name_or_path):
+    """True when --pretrained_model_name_or_path names something on this machine (diffusers' rule: it exists)."""
+    return bool(name_or_path) and os.path.exists(str(name_or_path))
+
+
+def public_model_name(name_or_path):
+    """What output files say about the base model: the hub id when it came from the Hub, else its folder's name."""
+    if is_local_model(name_or_path):
+        return os.path.basename(os.path.normpath(os.path.abspath(str(name_or_path))))
+    return model_name_without_path(name_or_path)
+
+
+SHORT_HASH_DIGITS = 10  # as the webui's short checkpoint hashes: sha256, first 10 hex digits
+
+
+def _text_encoder_weight_names(variant):
+    """Weight file names of a text_encoder/ folder, preferred first (safetensors, sharded safetensors, .bin, Flax)."""
+    infixes = [f".{variant}", ""] if variant else [""]
+    names = []
+    for infix in infixes:
+        names += [f"model{infix}.safetensors", f"model{infix}.safetensors.index.json", f"pytorch_model{infix}.bin",
+                  f"flax_model{infix}.msgpack"]
+    return names
+
+
+def _text_encoder_weight_files(name_or_path, revision=None, variant=None):
+    """Paths of the base model's text-encoder weights on this machine (a local folder, or the Hub cache), or []."""
+    if is_local_model(name_or_path):
+        def locate(name):
+            path = os.path.join(str(name_or_path), "text_encoder", name)
+            return path if os.path.isfile(path) else None
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return []
+
+        def locate(name):
+            try:
+                found = try_to_load_from_cache(str(name_or_path), f"text_encoder/{name}", revision=revision)
+            except Exception:  # not a valid repo id, unreadable cache: there is just no hash to give
+                return None
+            return found if isinstance(found, str) and os.path.isfile(found) else None
+
+    for name in _text_encoder_weight_names(variant):
+        path = locate(name)
+        if path is None:
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            with open(path, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        paths = [locate(shard) for shard in shards]
+        if shards and all(paths):
+            return paths
+    return []
+
+
+def text_encoder_short_hash(name_or_path, revision=None, variant=None):
+    """sha256 of the base model's text-encoder weight file(s) (shards in name order), first 10 hex digits;
+    None when the weights are not on this machine. A single file's hash is the one the Hub shows for it."""
+    paths = _text_encoder_weight_files(name_or_path, revision=revision, variant=variant)
+    if not paths:
+        return None
+    digest = hashlib.sha256()
+    try:
+        for path in paths:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()[:SHORT_HASH_DIGITS]
+
+
 def _as_float32(vectors):
     array = np.asarray(vectors, dtype=np.float32)
     if array.ndim == 1:
@@ -49,10 +155,8 @@ def write_diffusers(output_dir, token, vectors, safe_serialization=True, suffix=
     vectors = _as_float32(vectors)
     torch = _torch()
     written = []
-    buffer = io.BytesIO()
-    torch.save({token: torch.from_numpy(vectors.copy())}, buffer)
     path = os.path.join(output_dir, f"learned_embeds{suffix}.bin")
-    atomic.write_bytes(path, buffer.getvalue())
+    atomic.write_bytes(path, _pickle_bytes({token: torch.from_numpy(vectors.copy())}))
     written.append(path)
     if safe_serialization:
         from safetensors.numpy import save
@@ -63,8 +167,11 @@ def write_diffusers(output_dir, token, vectors, safe_serialization=True, suffix=
     return written
 
 
-def write_a1111(path, token, vectors, step, base_model):
-    """AUTOMATIC1111 webui .pt: the file name (without .pt) is the word to use in prompts."""
+def write_a1111(path, token, vectors, step, base_model, base_model_hash=None):
+    """AUTOMATIC1111 webui .pt: the file name (without .pt) is the word to use in prompts.
+
+    As the webui's own trainer does, sd_checkpoint_name holds the base model's name and sd_checkpoint a short hash
+    (here: of its text-encoder weights, see text_encoder_short_hash)."""
     torch = _torch()
     vectors = _as_float32(vectors)
     payload = {
@@ -72,38 +179,41 @@ def write_a1111(path, token, vectors, step, base_model):
         "string_to_param": {"*": torch.from_numpy(vectors.copy())},
         "name": file_stem_for_token(token),
         "step": int(step),
-        "sd_checkpoint": None,
-        "sd_checkpoint_name": base_model,
+        "sd_checkpoint": base_model_hash or None,
+        "sd_checkpoint_name": model_name_without_path(base_model) or None,
     }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic.write_bytes(path, buffer.getvalue())
+    atomic.write_bytes(path, _pickle_bytes(payload))
     return path
 
 
-def write_kohya(path, token, vectors, step, base_model):
+def write_kohya(path, token, vectors, step, base_model, base_model_hash=None):
     """kohya / ComfyUI single-file safetensors: {"emb_params": [n, dim]} plus metadata."""
     from safetensors.numpy import save
 
     vectors = _as_float32(vectors)
-    metadata = {"base_model": str(base_model or ""), "token": token, "num_vectors": str(vectors.shape[0]),
+    metadata = {"base_model": model_name_without_path(base_model), "token": token, "num_vectors": str(vectors.shape[0]),
                 "dim": str(vectors.shape[1]), "steps": str(int(step))}
+    if base_model_hash:
+        metadata["base_model_hash"] = base_model_hash
     atomic.write_bytes(path, save({"emb_params": vectors}, metadata=metadata))
     return path
 
 
 def write_all(output_dir, token, vectors, step, base_model, learnable_property, export_formats=(),
-              safe_serialization=True):
-    """The final result: diffusers files, token and concept files, and the asked-for extra formats."""
+              safe_serialization=True, base_model_hash=None):
+    """The final result: diffusers files, token and concept files, and the asked-for extra formats.
+    base_model: the name to store (see public_model_name); a path is cut to its last part."""
     written = write_diffusers(output_dir, token, vectors, safe_serialization=safe_serialization)
     atomic.write_text(os.path.join(output_dir, TOKEN_FILE), token)
     atomic.write_text(os.path.join(output_dir, CONCEPT_FILE), learnable_property)
     written += [os.path.join(output_dir, TOKEN_FILE), os.path.join(output_dir, CONCEPT_FILE)]
     stem = file_stem_for_token(token)
     if "a1111" in export_formats:
-        written.append(write_a1111(os.path.join(output_dir, f"{stem}.pt"), token, vectors, step, base_model))
+        written.append(write_a1111(os.path.join(output_dir, f"{stem}.pt"), token, vectors, step, base_model,
+                                   base_model_hash))
     if "kohya" in export_formats:
-        written.append(write_kohya(os.path.join(output_dir, f"{stem}.safetensors"), token, vectors, step, base_model))
+        written.append(write_kohya(os.path.join(output_dir, f"{stem}.safetensors"), token, vectors, step, base_model,
+                                   base_model_hash))
     return written
 
 
@@ -137,6 +247,7 @@ class EmbeddingFile:
     token: Optional[str] = None
     step: Optional[int] = None
     base_model: Optional[str] = None
+    base_model_hash: Optional[str] = None
     kind: str = "raw"
 
 
@@ -171,6 +282,7 @@ def load_embedding(path, expected_dim=None):
         found.token = data.get("name") if isinstance(data.get("name"), str) else None
         found.step = _int_or_none(data.get("step"))
         found.base_model = data.get("sd_checkpoint_name") if isinstance(data.get("sd_checkpoint_name"), str) else None
+        found.base_model_hash = data.get("sd_checkpoint") if isinstance(data.get("sd_checkpoint"), str) else None
         params = data["string_to_param"]
         if not isinstance(params, dict) or not params:
             raise UserError(f"{path!r}: string_to_param is empty; the A1111 embedding file is damaged")
@@ -180,6 +292,7 @@ def load_embedding(path, expected_dim=None):
         found.token = metadata.get("token") or None
         found.step = _int_or_none(metadata.get("steps"))
         found.base_model = metadata.get("base_model") or None
+        found.base_model_hash = metadata.get("base_model_hash") or None
         data = data["emb_params"]
     elif isinstance(data, dict) and ("clip_l" in data or "clip_g" in data):
         found.kind = "clip"
@@ -234,13 +347,13 @@ def guess_format(path):
     return None
 
 
-def write_embedding(path, fmt, token, vectors, step=0, base_model=""):
+def write_embedding(path, fmt, token, vectors, step=0, base_model="", base_model_hash=None):
     """Write one file in format fmt (one of WRITE_FORMATS). Returns the path."""
     vectors = _as_float32(vectors)
     if fmt == "a1111":
-        return write_a1111(path, token, vectors, step or 0, base_model)
+        return write_a1111(path, token, vectors, step or 0, base_model, base_model_hash)
     if fmt == "kohya":
-        return write_kohya(path, token, vectors, step or 0, base_model)
+        return write_kohya(path, token, vectors, step or 0, base_model, base_model_hash)
     torch = _torch() if fmt in ("diffusers-bin", "raw") else None
     if fmt == "diffusers":
         from safetensors.numpy import save
@@ -248,9 +361,7 @@ def write_embedding(path, fmt, token, vectors, step=0, base_model=""):
         atomic.write_bytes(path, save({token: vectors}, metadata={"format": "np"}))
     elif fmt in ("diffusers-bin", "raw"):
         tensor = torch.from_numpy(vectors.copy())
-        buffer = io.BytesIO()
-        torch.save({token: tensor} if fmt == "diffusers-bin" else tensor, buffer)
-        atomic.write_bytes(path, buffer.getvalue())
+        atomic.write_bytes(path, _pickle_bytes({token: tensor} if fmt == "diffusers-bin" else tensor))
     else:
         raise UserError(f"unknown embedding format {fmt!r}; choose from {', '.join(WRITE_FORMATS)}")
     return path
