@@ -27,6 +27,11 @@ $(VENV_FLAX)/.installed: requirements_flax.txt
 demo: setup
 	$(VENV)/bin/python tools/demo.py --output_dir $(DEMO_DIR)
 
+.PHONY: lint
+# Static checks (ruff.toml): unused and undefined names, pycodestyle errors, import order.
+lint: setup
+	$(VENV)/bin/ruff check .
+
 test: test-torch test-flax
 
 test-torch: setup

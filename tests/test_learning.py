@@ -73,7 +73,8 @@ def pipeline_with_vector_written_in(output_dir):
     pipe.tokenizer.add_tokens([TOKEN])
     pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
     with torch.no_grad():
-        pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids(TOKEN)] = torch.from_numpy(vectors[0])
+        token_id = pipe.tokenizer.convert_tokens_to_ids(TOKEN)
+        pipe.text_encoder.get_input_embeddings().weight[token_id] = torch.from_numpy(vectors[0])
     return pipe
 
 

@@ -199,7 +199,8 @@ def grid(rows, scale=4, pad=2, background=255):
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             big = np.asarray(image, dtype=np.uint8).repeat(scale, 0).repeat(scale, 1)
-            canvas[pad + r * cell_h : pad + r * cell_h + height * scale, pad + c * cell_w : pad + c * cell_w + width * scale] = big
+            top, left = pad + r * cell_h, pad + c * cell_w
+            canvas[top : top + height * scale, left : left + width * scale] = big
     return Image.fromarray(canvas)
 
 

@@ -3,9 +3,9 @@
 import os
 
 import pytest
-from helpers import flax_base_args
 
 import textual_inversion_flax as ti_flax
+from helpers import flax_base_args
 from textual_inversion_core.errors import UserError
 
 

@@ -1,9 +1,9 @@
 """Flags of the shared parser that JAX cannot honour are refused in one line, before any model loads."""
 
 import pytest
-from helpers import FLAX_SCRIPT, flax_base_args, run_script
 
 import textual_inversion_flax as ti_flax
+from helpers import FLAX_SCRIPT, flax_base_args, run_script
 from textual_inversion_core.errors import UserError
 
 

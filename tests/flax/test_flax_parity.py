@@ -35,7 +35,8 @@ def test_flax_loss_and_gradient_equal_pytorch(tiny_pipeline, prediction_type):
     base = text_encoder.get_input_embeddings()
     dim = base.embedding_dim
     # Vectors away from the initializer row, so the gradient is not a special case.
-    vectors0 = (base.weight.data[initializer_id].numpy()[None] + 0.05 * rng.standard_normal((num_vectors, dim))).astype(np.float32)
+    vectors0 = (base.weight.data[initializer_id].numpy()[None]
+                + 0.05 * rng.standard_normal((num_vectors, dim))).astype(np.float32)
     with torch.no_grad():
         base.weight[placeholder_ids] = torch.from_numpy(vectors0)
     embedding = ti_torch.make_placeholder_embedding(torch)(base, placeholder_ids, torch.from_numpy(vectors0))

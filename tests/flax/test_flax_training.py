@@ -12,10 +12,9 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import (FLAX_SCRIPT, TORCH_PYTHON, TORCH_SCRIPT, flax_base_args, jax_env, read_vectors, run_flax,
-                     run_script, run_torch_python, script_env)
 
 import textual_inversion_flax as ti_flax
+from helpers import FLAX_SCRIPT, TORCH_PYTHON, TORCH_SCRIPT, flax_base_args, read_vectors, run_flax, run_torch_python
 from textual_inversion_core.cli import flag_names
 
 STEPS = 4
@@ -173,6 +172,8 @@ def test_saved_flax_pipeline_loads_and_only_the_new_rows_differ(runs, tiny_pipel
 
 def test_pytorch_trainer_resumes_a_flax_checkpoint(runs, tiny_pipeline, train_images, tmp_path):
     """Checkpoints are framework-neutral: textual_inversion.py continues from the Flax checkpoint-2."""
+    from helpers import run_script
+
     out = str(tmp_path / "torch-resume")
     os.makedirs(out)
     shutil.copytree(os.path.join(runs["one_device"], "checkpoint-2"), os.path.join(out, "checkpoint-2"))
@@ -265,6 +266,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tiny_pipeline, train_images, co
     import sys
     import time
 
+    from helpers import jax_env, script_env
+
     out = str(tmp_path / "stopped")
     env = script_env(jax_env(devices=1, cache=compile_cache))
     log_path = str(tmp_path / "stderr.txt")
@@ -293,6 +296,8 @@ def test_two_hosts_equal_one_host(runs, tiny_pipeline, train_images, compile_cac
     import socket
     import subprocess
     import sys
+
+    from helpers import jax_env, script_env
 
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
