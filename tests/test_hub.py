@@ -6,11 +6,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 
 from conftest import REPO, base_args, run_script
 from fake_hub import FakeHub
+from local_paths import paths_of_this_machine, scan
+from webui_safe_loader import check_file, pickled_files
 
 HUB_TOKEN = "hf_FakeSecretToken0123456789abcdefXYZ"
 USER = "fake-user"
@@ -96,7 +99,8 @@ def test_model_card(pushed_run, tiny_pipeline):
     card = hub.files(f"{USER}/my-concept")["README.md"].decode()
     assert card.startswith("---\n")
     meta = yaml.safe_load(card.split("---\n")[1])
-    assert meta["base_model"] == tiny_pipeline
+    # A local base model is named by its folder's name; base_model (a hub id field) is left out.
+    assert "base_model" not in meta and "the local model `tiny`" in card and tiny_pipeline not in card
     assert meta["license"] == "creativeml-openrail-m"
     assert meta["instance_prompt"] == "<cat-toy>"
     assert {"textual_inversion", "stable-diffusion", "diffusers", "text-to-image"} <= set(meta["tags"])
@@ -108,6 +112,63 @@ def test_model_card(pushed_run, tiny_pipeline):
     assert "](./validation/step-000002-0.png)" in body  # the sample image is in the gallery and uploaded
     assert "2 vectors" in body
     assert hub.yaml_checked and hub.yaml_checked[-1] == card  # the client validated it before committing
+
+
+def test_model_card_of_a_hub_model_links_and_declares_it():
+    from textual_inversion_core import hub
+
+    card = hub.model_card("me/cat-toy", "some-org/some-model", "<cat-toy>", "object", 1,
+                          export_formats=("a1111", "kohya"))
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == "some-org/some-model"
+    assert "[some-org/some-model](https://huggingface.co/some-org/some-model)" in card
+    assert 'StableDiffusionPipeline.from_pretrained("some-org/some-model")' in card
+
+
+def test_no_pushed_or_written_file_names_a_path_of_the_training_machine(pushed_run, tiny_pipeline, train_images,
+                                                                       tmp_path_factory):
+    """Every file of the output folder and every uploaded file: no model, data or output folder path, no home
+    directory, nothing under the test session's temporary root (where the fake hub's HF_HOME is too)."""
+    out, hub, result = pushed_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    needles = paths_of_this_machine(tiny_pipeline, train_images, out, tmp_path_factory.getbasetemp())
+    # logs/ is the TensorBoard record of the run's flags, written by the trainer scripts (cli.public_config) and
+    # never uploaded (hub.UPLOAD_IGNORE); every other file is scanned.
+    scanned, hits = scan(str(out), needles, skip=("logs/",))
+    assert hits == {}
+    for name in ("README.md", "cat-toy.pt", "cat-toy.safetensors", "learned_embeds.bin", "learned_embeds-steps-1.bin",
+                 "model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                 "tokenizer/tokenizer_config.json", "checkpoint-2/training_state.json"):
+        assert name in scanned, name
+    uploaded = hub.files(f"{USER}/my-concept")
+    assert uploaded and {p: [n for n in needles if n.encode() in data] for p, data in uploaded.items()
+                         if any(n.encode() in data for n in needles)} == {}
+
+
+def test_pushed_pickle_files_pass_the_webui_checks_and_load(pushed_run, tiny_pipeline):
+    """What the trainer writes for the webui (and diffusers' .bin) passes the webui's safe-loader checks and reads
+    back with weights_only=True as the vectors of the matching .safetensors; the .pt names the base model as the
+    webui's own trainer does (name, short hash)."""
+    import hashlib
+
+    import torch
+    from safetensors.numpy import load_file
+
+    out, hub, result = pushed_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = pickled_files(str(out))
+    assert found == ["cat-toy.pt", "learned_embeds-steps-1.bin", "learned_embeds-steps-2.bin", "learned_embeds.bin"]
+    for name in found:
+        seen = check_file(str(out / name))
+        assert seen["layout"] == "legacy" and seen["storages"] == 1, (name, seen)
+        loaded = torch.load(out / name, map_location="cpu", weights_only=True)
+        tensor = loaded["string_to_param"]["*"] if name.endswith(".pt") else loaded["<cat-toy>"]
+        sibling = "learned_embeds.safetensors" if name.endswith(".pt") else name.replace(".bin", ".safetensors")
+        np.testing.assert_array_equal(tensor.numpy(), load_file(str(out / sibling))["<cat-toy>"], err_msg=name)
+    webui = torch.load(out / "cat-toy.pt", weights_only=True)
+    weights = open(os.path.join(tiny_pipeline, "text_encoder", "model.safetensors"), "rb").read()
+    assert webui["sd_checkpoint_name"] == "tiny"
+    assert webui["sd_checkpoint"] == hashlib.sha256(weights).hexdigest()[:10]
 
 
 def test_upload_through_the_xet_enabled_client(pushed_run, tmp_path):

@@ -4,7 +4,7 @@ import json
 import os
 
 from . import atomic, plots
-from .embeddings import DIFFUSERS_SAFETENSORS, file_stem_for_token
+from .embeddings import DIFFUSERS_SAFETENSORS, file_stem_for_token, is_local_model, public_model_name
 from .errors import UserError
 
 # Never uploaded: resumable state, logs, temporary files and intermediate embeddings.
@@ -38,9 +38,21 @@ def preflight(args):
     return repo_id
 
 
-def model_card(repo_id, base_model, token, learnable_property, num_vectors, images=(), export_formats=()):
-    """README.md for the Hub repo: YAML metadata, then how to use the embedding in each tool."""
+def model_card(repo_id, base_model, token, learnable_property, num_vectors, images=(), export_formats=(),
+               base_model_on_hub=True):
+    """README.md for the Hub repo: YAML metadata, then how to use the embedding in each tool.
+
+    base_model: the hub id (linked, and declared in the metadata), or with base_model_on_hub=False the local
+    model folder's name, never its path."""
     stem = file_stem_for_token(token)
+    if base_model_on_hub:
+        base_model_yaml = f"base_model: {json.dumps(str(base_model))}\n"
+        base_model_text = f"[{base_model}](https://huggingface.co/{base_model})"
+        load_base = json.dumps(str(base_model))
+    else:
+        base_model_yaml = ""
+        base_model_text = f"the local model `{base_model}`"
+        load_base = json.dumps(f"path/to/{base_model}")
     gallery = "\n".join(f"![sample {i}](./{p})" for i, p in enumerate(images))
     if "a1111" in export_formats:
         a1111 = (f"Download `{stem}.pt` into the webui's `embeddings/` folder and write `{stem}` in a prompt "
@@ -58,8 +70,7 @@ def model_card(repo_id, base_model, token, learnable_property, num_vectors, imag
     plural = "s" if num_vectors != 1 else ""
     return f"""---
 license: creativeml-openrail-m
-base_model: {json.dumps(str(base_model))}
-instance_prompt: {json.dumps(token)}
+{base_model_yaml}instance_prompt: {json.dumps(token)}
 tags:
 - stable-diffusion
 - stable-diffusion-diffusers
@@ -73,14 +84,14 @@ inference: true
 # Textual Inversion: {token}
 
 Learned embedding ({num_vectors} vector{plural}) of the {learnable_property} `{token}`
-for the text encoder of [{base_model}](https://huggingface.co/{base_model}).
+for the text encoder of {base_model_text}.
 
 ## Use in diffusers
 
 ```python
 from diffusers import StableDiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
+pipe = StableDiffusionPipeline.from_pretrained({load_base})
 pipe.load_textual_inversion("{repo_id}")
 image = pipe("a photo of {token} on a beach").images[0]
 ```
@@ -103,8 +114,10 @@ image = pipe("a photo of {token} on a beach").images[0]
 
 
 def write_model_card(output_dir, repo_id, args, images=()):
-    text = model_card(repo_id, args.pretrained_model_name_or_path, args.placeholder_token, args.learnable_property,
-                      args.num_vectors, images=images, export_formats=args.export_formats)
+    model = args.pretrained_model_name_or_path
+    text = model_card(repo_id, public_model_name(model), args.placeholder_token, args.learnable_property,
+                      args.num_vectors, images=images, export_formats=args.export_formats,
+                      base_model_on_hub=not is_local_model(model))
     path = os.path.join(output_dir, "README.md")
     atomic.write_text(path, text)
     return path

@@ -1,10 +1,13 @@
 """What both trainers write at the end of a run, in one place so the two cannot drift."""
 
+import json
 import os
 
-from . import embeddings, hub, plots
+from . import atomic, embeddings, hub, plots
 
 LOSS_CURVE_FILE = "loss.png"
+# Keys in which diffusers/transformers save_pretrained record where a part was loaded from.
+SOURCE_KEYS = ("_name_or_path", "name_or_path")
 
 
 def write_final_outputs(args, learned_vectors, global_step, loss_history):
@@ -13,14 +16,48 @@ def write_final_outputs(args, learned_vectors, global_step, loss_history):
     learned_vectors: float32 array [num_vectors, dim]; loss_history: [(step, loss), ...] of this run.
     Returns the paths written, in the order a user would look for them.
     """
+    model = args.pretrained_model_name_or_path
+    base_hash = None
+    if {"a1111", "kohya"} & set(args.export_formats):  # only those files store it; hashing reads the whole file
+        base_hash = embeddings.text_encoder_short_hash(model, revision=getattr(args, "revision", None),
+                                                       variant=getattr(args, "variant", None))
     written = embeddings.write_all(args.output_dir, args.placeholder_token, learned_vectors, global_step,
-                                   args.pretrained_model_name_or_path, args.learnable_property,
+                                   embeddings.public_model_name(model), args.learnable_property,
                                    export_formats=args.export_formats,
-                                   safe_serialization=not args.no_safe_serialization)
+                                   safe_serialization=not args.no_safe_serialization, base_model_hash=base_hash)
     if loss_history:
         steps, losses = zip(*loss_history)
         written.append(plots.write_loss_curve(os.path.join(args.output_dir, LOSS_CURVE_FILE), steps, losses))
     return written
+
+
+def replace_local_model_paths(pipeline_dir, model_name_or_path):
+    """In a saved pipeline's config files, replace the recorded source of each part by the base model's public
+    name (see embeddings.public_model_name) where it is a path of this machine: a local folder, or the Hub cache
+    a hub model was read from. Returns the files rewritten."""
+    index_path = os.path.join(pipeline_dir, "model_index.json")
+    if not os.path.isfile(index_path):
+        return []
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]]
+    configs = [index_path] + sorted(
+        os.path.join(pipeline_dir, part, name) for part in parts if os.path.isdir(os.path.join(pipeline_dir, part))
+        for name in os.listdir(os.path.join(pipeline_dir, part)) if name.endswith(".json"))
+    public_name = embeddings.public_model_name(model_name_or_path)
+    rewritten = []
+    for path in configs:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        if not isinstance(config, dict):
+            continue
+        local = [k for k in SOURCE_KEYS if isinstance(config.get(k), str) and config[k]
+                 and (embeddings.is_local_model(config[k]) or embeddings.model_name_without_path(config[k]) != config[k])]
+        if local:
+            config.update({k: public_name for k in local})
+            atomic.write_text(path, json.dumps(config, indent=2) + "\n")
+            rewritten.append(path)
+    return rewritten
 
 
 def finish_run(args, learned_vectors, global_step, loss_history, hub_repo_id, save_full_pipeline, logger):
@@ -29,6 +66,7 @@ def finish_run(args, learned_vectors, global_step, loss_history, hub_repo_id, sa
     written = write_final_outputs(args, learned_vectors, global_step, loss_history)
     if args.save_as_full_pipeline or args.push_to_hub:
         save_full_pipeline()
+        replace_local_model_paths(args.output_dir, args.pretrained_model_name_or_path)
     if args.push_to_hub:
         hub.publish(args, hub_repo_id)
         logger.info("pushed to %s", hub_repo_id)
