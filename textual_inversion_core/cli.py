@@ -56,6 +56,24 @@ def build_parser(prog=None, description=None):
     add("--init_from", type=str, default=None,
         help="(ours) Start from an existing embedding file instead of the initializer token's embedding.")
 
+    # Captions, prompt templates and what the data folder holds (see README "Captions and prompt templates").
+    # All off by default: without them the prompts and the examples drawn are diffusers' exactly.
+    add("--caption_extension", type=str, default=None,
+        help="(kohya) Read each image's caption from the file with this extension next to it (photo1.jpg -> "
+             "photo1.txt for .txt). A caption containing --placeholder_token is the prompt as it is; otherwise the "
+             "prompt is 'template, caption' ('a photo of a <token>, caption'). Images without a caption file get the "
+             "template alone (warned). Off by default.")
+    add("--caption_from_filename", action="store_true",
+        help="(ours; A1111's [filewords]) Caption each image by its file name (a leading number dropped, _ read as a "
+             "space); with --caption_extension, only the images that have no caption file.")
+    add("--prompt_template_file", type=str, default=None,
+        help="(ours; A1111's template files) Prompt templates, one a line, instead of the built-in object/style "
+             "lists: {token} stands for the placeholder token, {caption} for the image's caption (A1111's [name] and "
+             "[filewords] work too). Every line needs {token}; blank lines and # lines are skipped.")
+    add("--recursive", action="store_true",
+        help="(ours; kohya's recursive) Also train on the images in subfolders of --train_data_dir (hidden folders "
+             "and --output_dir excepted). Without it they are left out, with a warning.")
+
     # Output
     add("--output_dir", type=str, default="text-inversion-model",
         help="Where embeddings, checkpoints, logs and validation images are written.")
@@ -162,6 +180,9 @@ def check_args(args):
     if not 0 <= args.learning_rate <= 1e30:
         raise UserError(f"--learning_rate must be 0 or more and at most 1e30, got {args.learning_rate} "
                         "(typical values: 5e-4 to 5e-3)")
+    if args.lr_scheduler == "polynomial" and 0 < args.learning_rate <= 1e-7:
+        raise UserError(f"--lr_scheduler polynomial decays to 1e-7 and needs a --learning_rate above it, got "
+                        f"{args.learning_rate}; raise the rate or pick another --lr_scheduler")
     if args.lr_warmup_steps < 0:
         raise UserError(f"--lr_warmup_steps must be 0 or more, got {args.lr_warmup_steps}")
     if args.dataloader_num_workers < 0:

@@ -1,7 +1,7 @@
 """Learning-rate schedules as plain functions of the optimizer step.
 
-Both trainers take their schedule from here (PyTorch through LambdaLR, JAX from a table), so a run
-has the same learning rates in either framework. The formulas are those of diffusers.optimization,
+Both trainers read their learning rates from lr_table (PyTorch sets each step's rate on the
+optimizer, JAX indexes the table inside optax), so a run has the same learning rates in either framework. The formulas are those of diffusers.optimization,
 which a test checks value by value.
 """
 
@@ -43,5 +43,7 @@ def lr_multiplier(name, step, warmup_steps, total_steps, num_cycles=1, base_lr=1
 
 def lr_table(name, warmup_steps, total_steps, num_cycles, base_lr):
     """Learning rate for each optimizer step 0..total_steps (inclusive), as a list of floats."""
+    if base_lr == 0:  # --learning_rate 0 (exporting the initializer's embedding): every schedule is 0
+        return [0.0] * (total_steps + 1)
     return [base_lr * lr_multiplier(name, s, warmup_steps, total_steps, num_cycles, base_lr)
             for s in range(total_steps + 1)]

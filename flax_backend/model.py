@@ -1,0 +1,203 @@
+"""The Flax objective, the train state and the pure train step.
+
+Only the placeholder vectors are differentiated: they are the one argument of the gradient, and are
+written into the token-embedding lookup's output, so neither the 49408-row matrix nor any other
+weight gets a gradient. The loss is shared with the parity test, which feeds it the PyTorch loss's
+exact inputs.
+"""
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from textual_inversion_core.run import AdamMoments
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything training changes: the vectors, AdamW's state and the optimizer step."""
+
+    vectors: jax.Array  # [num_vectors, dim] float32
+    opt_state: optax.OptState
+    step: jax.Array  # int32 scalar
+
+
+def placeholder_interceptor(placeholder_ids, vectors):
+    """Flax method interceptor: the token-embedding lookup returns `vectors` for the placeholder ids.
+
+    A one-hot product (exact: one 1.0 per row) selects the vector, as in the PyTorch script, so the
+    gradient flows into `vectors` only; the frozen matrix is a constant of the computation.
+    """
+
+    ids = jnp.asarray(placeholder_ids, dtype=jnp.int32)
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and isinstance(context.module, nn.Embed) \
+                and context.module.name == "token_embedding":
+            match = args[0][..., None] == ids
+            picked = match.astype(vectors.dtype) @ vectors
+            out = jnp.where(match.any(-1, keepdims=True), picked.astype(out.dtype), out)
+        return out
+
+    return interceptor
+
+
+def exact_gelu_interceptor(next_fun, args, kwargs, context):
+    """diffusers' Flax GEGLU uses the tanh approximation of GELU; the PyTorch UNet (which the weights
+    were trained with) uses the exact erf form. Run the exact one, so both trainers optimise the
+    same function (dropout is 0 and off: the UNet is frozen and deterministic)."""
+    if context.method_name == "__call__" and type(context.module).__name__ == "FlaxGEGLU":
+        hidden_linear, hidden_gate = jnp.split(context.module.proj(args[0]), 2, axis=2)
+        return hidden_linear * jax.nn.gelu(hidden_gate, approximate=False)
+    return next_fun(*args, **kwargs)
+
+
+def make_denoising_loss(text_encoder, unet, noise_scheduler, placeholder_ids, weight_dtype):
+    """loss(vectors, params, scheduler_state, latents, noise, timesteps, input_ids) -> scalar fp32.
+
+    params = {"text_encoder": ..., "unet": ...}. MSE between the UNet's prediction and the target
+    (noise for epsilon models, velocity for v_prediction models), as torch_backend.model.denoising_loss.
+    """
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+
+    def loss(vectors, params, scheduler_state, latents, noise, timesteps, input_ids):
+        with nn.intercept_methods(placeholder_interceptor(placeholder_ids, vectors)):
+            hidden = text_encoder(input_ids, params=params["text_encoder"])[0]
+        noisy = noise_scheduler.add_noise(scheduler_state, latents, noise, timesteps)
+        with nn.intercept_methods(exact_gelu_interceptor):
+            pred = unet.apply({"params": params["unet"]}, noisy.astype(weight_dtype), timesteps,
+                              hidden.astype(weight_dtype)).sample
+        target = noise_scheduler.get_velocity(scheduler_state, latents, noise, timesteps) if v_prediction else noise
+        return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
+
+    return loss
+
+
+def raw_prng_key(seed64):
+    """The threefry key of a 64-bit seed ([high, low] words), as jax.random.PRNGKey gives with x64 on.
+
+    Without x64, PRNGKey would keep only the low 32 bits; building the words here keeps all 64.
+    """
+    seed64 = int(seed64) & 0xFFFFFFFFFFFFFFFF
+    return np.array([seed64 >> 32, seed64 & 0xFFFFFFFF], dtype=np.uint32)
+
+
+def draw_example_randomness(key, latent_shape, num_timesteps):
+    """(posterior eps, noise, timestep) of one example from its own key."""
+    k_eps, k_noise, k_t = jax.random.split(key, 3)
+    return (jax.random.normal(k_eps, latent_shape), jax.random.normal(k_noise, latent_shape),
+            jax.random.randint(k_t, (), 0, num_timesteps))
+
+
+
+def make_train_step(loss_fn, optimizer, scaling_factor, latent_shape, num_timesteps):
+    """The pure step train_step(state, frozen, batch) -> (state, loss), to be pmapped over axis "batch".
+
+    frozen = {"text_encoder": params, "unet": params, "scheduler": scheduler state}. batch arrays
+    are [accumulation, batch, ...]; gradients are averaged over micro-batches, then pmean-ed over
+    devices, which makes D devices x B equal one device x D*B.
+    """
+    draw = jax.vmap(lambda k: draw_example_randomness(k, latent_shape, num_timesteps))
+
+    def train_step(state, frozen, batch):
+        params = {"text_encoder": frozen["text_encoder"], "unet": frozen["unet"]}
+
+        def micro(carry, mb):
+            grad_sum, loss_sum = carry
+            eps, noise, timesteps = draw(mb["keys"])
+            latents = (mb["mean"] + mb["std"] * eps) * scaling_factor
+            loss, grad = jax.value_and_grad(loss_fn)(state.vectors, params, frozen["scheduler"], latents, noise,
+                                                     timesteps, mb["ids"])
+            return (grad_sum + grad, loss_sum + loss), None
+
+        zeros = (jnp.zeros_like(state.vectors), jnp.zeros((), jnp.float32))
+        (grad, loss), _ = jax.lax.scan(micro, zeros, batch)
+        count = batch["ids"].shape[0]
+        grad = jax.lax.pmean(grad / count, axis_name="batch")
+        loss = jax.lax.pmean(loss / count, axis_name="batch")
+        updates, opt_state = optimizer.update(grad, state.opt_state, state.vectors)
+        return state.replace(vectors=optax.apply_updates(state.vectors, updates), opt_state=opt_state,
+                             step=state.step + 1), loss
+
+    return train_step
+
+
+def new_train_state(optimizer, vectors, step=0, adam=None):
+    """A TrainState at `step`; AdamW's moments from a checkpoint (the PyTorch names) when given."""
+    vectors = jnp.asarray(vectors, jnp.float32)
+    opt_state = optimizer.init(vectors)
+    if adam is not None:
+        opt_state = optax.tree_utils.tree_set(
+            opt_state, count=jnp.asarray(adam.step, jnp.int32), mu=jnp.asarray(adam.exp_avg, jnp.float32),
+            nu=jnp.asarray(adam.exp_avg_sq, jnp.float32))
+    return TrainState(vectors=vectors, opt_state=opt_state, step=jnp.asarray(step, jnp.int32))
+
+
+def adam_moments(state):
+    """AdamW's moments of a (host, unreplicated) TrainState, under the PyTorch names (None before step 1)."""
+    adam = next(s for s in state.opt_state if isinstance(s, optax.ScaleByAdamState))
+    count = int(adam.count)
+    return AdamMoments(np.asarray(adam.mu, np.float32), np.asarray(adam.nu, np.float32), count) if count else None
+
+
+def add_placeholder_rows(text_encoder, te_params, vocab_size, placeholder_ids, start_vectors):
+    """Grow the token-embedding matrix (in te_params, in place) to vocab_size rows; the placeholder
+    rows hold start_vectors [num_vectors, dim] (the frozen copy; the trained ones are the state's)."""
+    embeddings_params = te_params["text_model"]["embeddings"]["token_embedding"]
+    table = np.asarray(embeddings_params["embedding"], np.float32)
+    grown = np.zeros((vocab_size, table.shape[1]), np.float32)
+    grown[: table.shape[0]] = table
+    grown[placeholder_ids] = np.asarray(start_vectors, np.float32)
+    embeddings_params["embedding"] = grown
+    text_encoder.config.vocab_size = vocab_size  # the Flax Embed checks the matrix against the config
+
+
+def token_embedding_table(te_params):
+    return te_params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+
+
+def merged_text_encoder_params(params, placeholder_ids, vectors, dtype=None):
+    """Text-encoder params with the learned rows written into the token-embedding matrix."""
+    table = token_embedding_table(params)
+    table = table.at[jnp.asarray(placeholder_ids)].set(jnp.asarray(vectors, dtype=table.dtype))
+    merged = {**params, "text_model": {**params["text_model"], "embeddings": {
+        **params["text_model"]["embeddings"], "token_embedding": {"embedding": table}}}}
+    if dtype is not None:
+        merged = jax.tree.map(lambda x: x.astype(dtype), merged)
+    return merged
+
+
+def replicate(tree, devices, sharding):
+    """One copy of every leaf on each device, as a [devices, ...] array laid out like pmap's outputs.
+
+    Copies go straight to their device: stacking first would put all of them on device 0 (or in host
+    memory) at once, which does not fit for SD-sized weights on 8 accelerators.
+    """
+
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        shards = [jax.device_put(x[None], d) for d in devices]
+        return jax.make_array_from_single_device_arrays((len(devices),) + tuple(x.shape), sharding, shards)
+
+    return jax.tree.map(put, tree)
+
+
+def encode_posteriors(vae, vae_params):
+    """encode(list of CHW pixel arrays) -> (means, stds) NCHW like the PyTorch VAE's, for the core
+    LatentCache. One image per call: a single compiled shape, whatever the batch."""
+
+    def posterior(params, pixels):
+        dist = vae.apply({"params": params}, pixels, method=vae.encode).latent_dist
+        return jnp.transpose(dist.mean, (0, 3, 1, 2)), jnp.transpose(dist.std, (0, 3, 1, 2))
+
+    jitted = jax.jit(posterior)
+
+    def encode(pixels):
+        pairs = [jitted(vae_params, jnp.asarray(p[None])) for p in pixels]
+        return [np.asarray(m[0]) for m, _ in pairs], [np.asarray(s[0]) for _, s in pairs]
+
+    return encode

@@ -1,0 +1,303 @@
+"""The run logic both trainers share, written once so the two loops cannot drift.
+
+Framework-free: the step arithmetic (a frozen RunPlan), which examples a (step, micro-batch, device)
+trains on, what is saved or sampled after a step, the seed, the resume checks, the checkpoint
+payload, stop signals and the finite checks. A trainer adds only its models, its train step and the
+moves of values between device and host.
+"""
+
+import dataclasses
+import math
+import random
+import signal
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class StepActions:
+    """What the loop does after an optimizer step, in this order."""
+
+    fetch_losses: bool  # bring the pending losses to the host and check them (before anything is saved)
+    save_embeddings: bool  # learned_embeds-steps-N.*
+    save_checkpoint: bool  # checkpoint-N/
+    validate: bool  # sample validation images
+    stop: bool  # interrupted by a signal: leave the loop (after the saves above)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """The step arithmetic of one run. "device" is a PyTorch process or a JAX device."""
+
+    per_device_batch: int
+    num_devices: int
+    accumulation: int
+    num_examples: int  # examples in one epoch: images x repeats
+    max_train_steps: int
+    learning_rate: float  # after --scale_lr
+    save_steps: int = 0
+    checkpointing_steps: int = 0
+    validation_steps: int = 0  # 0: no validation
+    logging_steps: int = 1
+
+    @property
+    def micro_batch(self):
+        """Examples in one micro-batch over all devices."""
+        return self.per_device_batch * self.num_devices
+
+    @property
+    def global_batch(self):
+        """Examples per optimizer step (what a checkpoint records: resume needs the same)."""
+        return self.micro_batch * self.accumulation
+
+    @property
+    def steps_per_epoch(self):
+        return math.ceil(self.num_examples / self.global_batch)
+
+    def example_indices(self, step, micro, first_device, num_local_devices=1):
+        """Global example indices of the devices first_device .. first_device+num_local_devices-1 in one
+        micro-batch. The union over all devices is the micro-batch, whatever the device count, so N
+        devices equal one device with the same global batch, and a resumed run the uninterrupted one."""
+        first = (step * self.accumulation + micro) * self.micro_batch + first_device * self.per_device_batch
+        return range(first, first + num_local_devices * self.per_device_batch)
+
+    def actions(self, step, interrupted=False):
+        """What to do after optimizer step `step` (1-based: the number of steps done)."""
+        last = step >= self.max_train_steps
+        stop = interrupted and not last  # an interrupted last step ends normally, with the final files
+
+        def every(n):
+            return bool(n) and step % n == 0
+
+        save_embeddings = every(self.save_steps) or stop
+        save_checkpoint = every(self.checkpointing_steps) or stop
+        validate = every(self.validation_steps)
+        fetch = every(self.logging_steps) or last or save_embeddings or save_checkpoint or validate or stop
+        return StepActions(fetch, save_embeddings, save_checkpoint, validate, stop)
+
+
+def make_plan(args, num_examples, num_devices):
+    """The RunPlan of the parsed flags (diffusers' rules: --max_train_steps wins over epochs,
+    --validation_epochs is converted to steps, --scale_lr multiplies by the global batch)."""
+    accumulation = args.gradient_accumulation_steps
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate = learning_rate * accumulation * args.train_batch_size * num_devices
+    steps_per_epoch = math.ceil(num_examples / (args.train_batch_size * num_devices * accumulation))
+    validation_steps = args.validation_steps or 0
+    if args.validation_epochs is not None:
+        validation_steps = args.validation_epochs * steps_per_epoch
+    return RunPlan(
+        per_device_batch=args.train_batch_size, num_devices=num_devices, accumulation=accumulation,
+        num_examples=num_examples, max_train_steps=args.max_train_steps or args.num_train_epochs * steps_per_epoch,
+        learning_rate=learning_rate, save_steps=args.save_steps or 0, checkpointing_steps=args.checkpointing_steps or 0,
+        validation_steps=validation_steps if args.validation_prompt else 0, logging_steps=args.logging_steps)
+
+
+def resolve_seed(flag_seed, resume_state, logger, share=None):
+    """The run's seed: the checkpoint's when resuming, else --seed, else drawn once. share(seed) gives
+    every process the first process's value (a random draw differs per process)."""
+    seed = flag_seed if flag_seed is not None else random.SystemRandom().randrange(2**31)
+    if resume_state is not None:
+        if flag_seed is not None and flag_seed != resume_state["seed"]:
+            logger.warning("--seed %s differs from the checkpoint's %s; using the checkpoint's", flag_seed,
+                           resume_state["seed"])
+        seed = resume_state["seed"]
+    return int(share(seed) if share is not None else seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: what they hold and when one fits this run
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamMoments:
+    """AdamW's state of the vectors under the PyTorch names (both trainers read and write these)."""
+
+    exp_avg: np.ndarray
+    exp_avg_sq: np.ndarray
+    step: int
+
+
+def checkpoint_payload(vectors, adam, seed, args, plan, framework):
+    """(tensors, state) of a checkpoint: the vectors, AdamW's moments (None before the first update) and
+    what resuming must match."""
+    tensors = {"vectors": np.asarray(vectors, np.float32)}
+    if adam is not None and adam.step:
+        tensors["exp_avg"] = np.asarray(adam.exp_avg, np.float32)
+        tensors["exp_avg_sq"] = np.asarray(adam.exp_avg_sq, np.float32)
+    state = {"seed": int(seed), "num_vectors": args.num_vectors, "placeholder_token": args.placeholder_token,
+             "global_batch": plan.global_batch, "framework": framework,
+             "optimizer_step": float(adam.step) if adam is not None else 0.0, "learning_rate": plan.learning_rate}
+    return tensors, state
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Where a resumed run starts: its step, vectors and AdamW moments (None: a new run)."""
+
+    step: int = 0
+    vectors: np.ndarray = None
+    adam: AdamMoments = None
+
+
+def resume_point(args, inputs, dim, plan, logger):
+    """Check the checkpoint found by --resume_from_checkpoint against this run; return where to start."""
+    if inputs.resume_state is None:
+        if args.resume_from_checkpoint:
+            logger.warning("--resume_from_checkpoint %s: no checkpoint in %s yet, starting a new run",
+                           args.resume_from_checkpoint, args.output_dir)
+        return Resume()
+    state, tensors = inputs.resume_state, inputs.resume_tensors
+    if state.get("num_vectors") != args.num_vectors or tensors["vectors"].shape[1] != dim:
+        raise UserError(f"checkpoint {inputs.resume_path!r} was made with other --num_vectors or another model; "
+                        "resume with the original settings or start a new --output_dir")
+    if state.get("global_batch") != plan.global_batch:
+        logger.warning("the checkpoint was trained with another global batch; the resumed run will not "
+                       "match an uninterrupted one")
+    adam = None
+    if "exp_avg" in tensors:
+        adam = AdamMoments(tensors["exp_avg"], tensors["exp_avg_sq"], int(state["optimizer_step"]))
+    logger.info("resumed from %s at step %d", inputs.resume_path, int(state["step"]))
+    return Resume(int(state["step"]), np.asarray(tensors["vectors"], np.float32), adam)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop's bookkeeping
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the loop to finish its step, save and exit; leaving the `with` block puts the
+    previous handlers back (an in-process caller such as a notebook keeps its Ctrl-C)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = []
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, lambda signum, frame: self.received.append(signum))
+            except ValueError:  # not the main thread (e.g. under a test harness): no handler to install
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False
+
+    @property
+    def requested(self):
+        return bool(self.received)
+
+
+class LossLog:
+    """Losses of this run. They stay wherever the trainer computed them (a device) until the plan asks
+    for them: then they are fetched together, checked, and handed on for logging."""
+
+    def __init__(self):
+        self.pending = []  # (step, device loss, learning rate)
+        self.history = []  # (step, loss) on the host, for loss.png
+
+    def add(self, step, loss, lr):
+        self.pending.append((step, loss, lr))
+
+    def fetch(self, to_host):
+        """[(step, loss, lr)] of the pending steps as floats; to_host(list of device values) -> floats.
+        A non-finite loss stops the run before anything of this step is saved."""
+        if not self.pending:
+            return []
+        values = [float(v) for v in to_host([loss for _, loss, _ in self.pending])]
+        fetched = [(step, value, lr) for (step, _, lr), value in zip(self.pending, values)]
+        self.pending = []
+        for step, value, _ in fetched:
+            check_finite_loss(value, step)
+        self.history += [(step, value) for step, value, _ in fetched]
+        return fetched
+
+
+def check_finite_loss(value, step):
+    if not math.isfinite(value):
+        raise UserError(f"loss became {value} at step {step}; lower --learning_rate or use fp32. "
+                        "The last saved embedding and checkpoint are untouched")
+
+
+def check_finite_vectors(vectors, step):
+    if not np.isfinite(np.asarray(vectors)).all():
+        raise UserError(f"the learned vectors became non-finite by step {step}; lower --learning_rate. "
+                        "The last saved embedding and checkpoint are untouched")
+
+
+def log_start(logger, plan, dataset, seed, devices_line):
+    logger.info("***** Running training *****")
+    logger.info("  images = %d, examples per epoch = %d, %s", dataset.num_images, len(dataset), devices_line)
+    logger.info("  batch per device = %d, accumulation = %d, global batch = %d, steps = %d, seed = %d",
+                plan.per_device_batch, plan.accumulation, plan.global_batch, plan.max_train_steps, seed)
+
+
+def latent_shape(resolution, vae_config):
+    """(channels, height, width) of the VAE latents of a resolution x resolution image."""
+    factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    size = resolution // factor
+    return (vae_config.latent_channels, size, size)
+
+
+def check_prediction_type(prediction_type):
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"the model's scheduler predicts {prediction_type!r}; only epsilon and v_prediction are supported")
+
+
+# --------------------------------------------------------------------------------------------------
+# The examples of a step, on the host
+
+
+class LatentCache:
+    """VAE posterior (mean, std) per (image, flip), filled on first use (no start-up stall), exact:
+    each sample is drawn from the cached posterior with the example's own noise.
+
+    encode(list of CHW float32 pixel arrays) -> (means, stds), each a list of float32 arrays.
+    on_full() runs once every (image, flip) is cached (the trainer frees its VAE encoder there).
+    """
+
+    def __init__(self, dataset, encode, on_full=None):
+        self.dataset, self.encode, self.on_full = dataset, encode, on_full
+        self.entries = {}
+
+    def __call__(self, keys):
+        missing = [k for k in dict.fromkeys(keys) if k not in self.entries]
+        if missing:
+            means, stds = self.encode([self.dataset.pixels(*k) for k in missing])
+            for key, mean, std in zip(missing, means, stds):
+                # C-contiguous: a framework's strided view (e.g. channels-last) would change which kernels run on it
+                self.entries[key] = (np.ascontiguousarray(mean, np.float32), np.ascontiguousarray(std, np.float32))
+            if len(self.entries) == 2 * self.dataset.num_images and self.on_full is not None:
+                self.on_full()
+                self.on_full = None
+        return (np.stack([self.entries[k][0] for k in keys]), np.stack([self.entries[k][1] for k in keys]))
+
+
+def host_batch(plan, dataset, latents, seed, step, first_device, num_local_devices=1):
+    """The inputs of these devices' share of optimizer step `step`, as numpy arrays shaped
+    [accumulation, num_local_devices * per_device_batch, ...]:
+
+    mean, std: the posterior of each example's (image, flip); noise_seed: the seed of its posterior
+    sample, noise and timestep (drawn by the trainer's framework); prompt: its row of all_prompt_ids.
+    """
+    from .data import STREAM_NOISE, example_seed
+
+    fields = {"mean": [], "std": [], "noise_seed": [], "prompt": []}
+    for micro in range(plan.accumulation):
+        indices = plan.example_indices(step, micro, first_device, num_local_devices)
+        examples = [dataset.example(i) for i in indices]
+        mean, std = latents([(image, flip) for image, flip, _ in examples])
+        fields["mean"].append(mean)
+        fields["std"].append(std)
+        fields["noise_seed"].append(np.array([example_seed(seed, i, STREAM_NOISE) for i in indices], np.uint64))
+        fields["prompt"].append(np.array([prompt for _, _, prompt in examples], np.int64))
+    return {name: np.stack(values) for name, values in fields.items()}
