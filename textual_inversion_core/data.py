@@ -4,10 +4,16 @@ Framework-free (numpy and PIL). Every random choice of an example (which image, 
 which template) is a pure function of (seed, global example index). That makes a resumed run draw
 exactly what the uninterrupted run would have drawn, and lets N processes split one global batch
 so that their union equals the single-process batch.
+
+Captions (sidecar files or file names) and prompt-template files make the prompt depend on the image:
+all_prompt_ids then holds one row per distinct (image, template) prompt, and example() maps the same
+keyed template draw to that image's row. Without them the rows are the built-in templates, as before.
 """
 
+import collections
 import concurrent.futures
 import os
+import re
 import warnings
 
 import numpy as np
@@ -76,9 +82,139 @@ IMAGE_EXTENSIONS = {
 # Streams of per-example randomness; framework code draws noise/timesteps from its own streams.
 STREAM_ORDER, STREAM_AUGMENT, STREAM_NOISE = 0, 1, 2
 
+# Placeholders of --prompt_template_file lines: ours first, then AUTOMATIC1111's spelling of the same.
+TOKEN_PLACEHOLDERS = ("{token}", "[name]")
+CAPTION_PLACEHOLDERS = ("{caption}", "[filewords]")
+_PLACEHOLDER_PATTERN = re.compile("|".join(re.escape(p) for p in TOKEN_PLACEHOLDERS + CAPTION_PLACEHOLDERS))
+# Stand-ins inside prompt patterns until tokenize() knows the placeholder string; NUL is removed from captions.
+_TOKEN_SLOT, _CAPTION_SLOT = "\0token\0", "\0caption\0"
+# A file name's leading number ("00012-", "003_") is numbering, not description: dropped as A1111 does.
+_LEADING_NUMBER = re.compile(r"^\d+(?:[-_.\s]+|$)")
+# Upscaled by more than this, a picture reaches --resolution as blur, which the vectors then learn.
+SMALL_IMAGE_FACTOR = 2.0
+# How many file names a one-line warning quotes before "and N more".
+NAMES_SHOWN = 5
+
 
 def templates_for(learnable_property):
     return STYLE_TEMPLATES if learnable_property == "style" else OBJECT_TEMPLATES
+
+
+def _is_first_process():
+    """Every process of a multi-process run builds the dataset; only the first one reports on it."""
+    return all(int(os.environ.get(name) or 0) == 0 for name in ("RANK", "JAX_PROCESS_ID"))
+
+
+def _warn(message):
+    if _is_first_process():
+        warnings.warn(message, stacklevel=2)  # data.py: printed as one line
+
+
+def _quote_names(names):
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
+
+
+def normalize_caption_extension(extension):
+    """--caption_extension as a suffix with its dot (".txt"); "txt" is accepted too."""
+    if extension is None:
+        return None
+    extension = extension.strip()
+    if extension in ("", "."):
+        raise UserError("--caption_extension is empty; give the caption files' extension, e.g. --caption_extension .txt")
+    if not extension.startswith("."):
+        extension = "." + extension
+    if extension.lower() in IMAGE_EXTENSIONS:
+        raise UserError(f"--caption_extension {extension} is an image extension; captions are text files such as .txt")
+    return extension
+
+
+def caption_path_for(image_path, caption_extension):
+    """photo1.jpg -> photo1.txt (kohya's sidecar naming): the image's name without its extension, plus caption_extension."""
+    return os.path.splitext(image_path)[0] + caption_extension
+
+
+def read_caption(path):
+    """A caption file as one line of text: UTF-8 (a BOM is allowed), line breaks and runs of spaces become one space."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"caption file {path!r} is not UTF-8 text; re-save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read caption file {path!r} ({err.strerror}); check that it is a readable file") from None
+    return " ".join(text.replace("\0", " ").split())
+
+
+def caption_from_file_name(path):
+    """The caption a file name gives: "00012-red_car at night.png" -> "red car at night"."""
+    stem = _LEADING_NUMBER.sub("", os.path.splitext(os.path.basename(path))[0])
+    return " ".join(stem.replace("\0", " ").replace("_", " ").split())
+
+
+def read_prompt_templates(path):
+    """The templates of a --prompt_template_file: one a line; blank lines and lines starting with # are skipped.
+
+    Every template must hold the token placeholder: a prompt without the token trains nothing.
+    """
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"--prompt_template_file {path!r} does not exist; give a text file with one template a line") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--prompt_template_file {path!r} is not UTF-8 text; re-save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read --prompt_template_file {path!r} ({err.strerror}); give a readable text file") from None
+    templates = []
+    for number, line in enumerate(lines, 1):
+        text = " ".join(line.split())
+        if not text or text.startswith("#"):
+            continue
+        if not any(p in text for p in TOKEN_PLACEHOLDERS):
+            hint = " (write {token} where diffusers' lists have {})" if "{}" in text else ""
+            raise UserError(f"line {number} of --prompt_template_file {path!r} has no {{token}} (or [name]) placeholder"
+                            f"{hint}: {text[:60]!r}; every prompt must contain the token being learned")
+        templates.append(text)
+    if not templates:
+        raise UserError(f"--prompt_template_file {path!r} holds no template; write one a line, "
+                        "e.g. a photo of {token}, {caption}")
+    return templates
+
+
+def _template_pattern(template):
+    """A template line with its placeholders (either spelling) turned into the internal slots."""
+    return _PLACEHOLDER_PATTERN.sub(lambda m: _TOKEN_SLOT if m.group(0) in TOKEN_PLACEHOLDERS else _CAPTION_SLOT,
+                                    template)
+
+
+def _token_pattern(placeholder_token):
+    """Where a caption mentions the token: a whole word, and not the "<tok>_1" of a multi-vector expansion."""
+    left = r"(?<!\w)" if re.match(r"\w", placeholder_token) else ""
+    right = r"(?!\w)" if re.search(r"\w$", placeholder_token) else r"(?!_\d)"
+    return re.compile(left + re.escape(placeholder_token) + right)
+
+
+def _without_caption(pattern):
+    """A template with an empty caption: the slot and the separators left around it go."""
+    text = pattern.replace(_CAPTION_SLOT, "")
+    text = re.sub(r",(?:\s*,)+", ",", text)
+    text = re.sub(r"\s+,", ",", text)
+    text = re.sub(r"^[\s,]+|[\s,]+$", "", text)
+    return " ".join(text.split())
+
+
+def prompt_pattern(template_pattern, caption, token_pattern):
+    """One image's prompt for one template, with the token still a slot.
+
+    A caption that mentions the token is the prompt as it is (kohya's convention); otherwise it fills
+    the caption slot; an empty caption leaves the template alone.
+    """
+    if caption and token_pattern.search(caption):
+        return token_pattern.sub(lambda _: _TOKEN_SLOT, caption)
+    if _CAPTION_SLOT not in template_pattern:
+        return template_pattern
+    return template_pattern.replace(_CAPTION_SLOT, caption) if caption else _without_caption(template_pattern)
 
 
 def example_seed(seed, global_index, stream):
@@ -114,7 +250,13 @@ def load_image(path, resolution, center_crop):
     occupy gigabytes; the crop/resize follow diffusers' TextualInversionDataset (centre crop to the
     short side if asked, then a bicubic resize to a square).
     """
+    return _decode_image(path, resolution, center_crop)[0]
+
+
+def _decode_image(path, resolution, center_crop):
+    """load_image's array and the file's own (width, height), before any downscaled decoding."""
     with Image.open(path) as image:
+        original_size = image.size
         if image.format == "JPEG":
             # Decode at >= 2x the target size: keeps quality, bounds memory for 8000x8000 photos.
             image.draft("RGB", (resolution * 2, resolution * 2))
@@ -127,104 +269,256 @@ def load_image(path, resolution, center_crop):
         left, top = (w - crop) // 2, (h - crop) // 2
         image = image.crop((left, top, left + crop, top + crop))
     image = image.resize((resolution, resolution), resample=Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8).copy()
+    return np.asarray(image, dtype=np.uint8).copy(), original_size
 
 
-def find_images(train_data_dir):
-    """Sorted image files of a folder. Hidden files, folders and non-image files are passed over."""
+def find_images(train_data_dir, recursive=False, caption_extension=None, exclude_dirs=()):
+    """Sorted image files of a folder; with recursive, then those of its subfolders, folder by folder.
+
+    Hidden files and folders, caption files, non-image files and exclude_dirs (the output folder, if it
+    is inside) are passed over. What was left out is said once: non-image files, and without recursive
+    the images in subfolders.
+    """
     if not train_data_dir:
         raise UserError("--train_data_dir is required: a folder with 3-5 images of the concept")
     if not os.path.exists(train_data_dir):
         raise UserError(f"--train_data_dir {train_data_dir!r} does not exist; point it at a folder of images")
     if not os.path.isdir(train_data_dir):
         raise UserError(f"--train_data_dir {train_data_dir!r} is a file, not a folder; put the images in a folder and pass that")
+    excluded = {os.path.realpath(d) for d in exclude_dirs if d}
     candidates, skipped = [], []
-    for name in sorted(os.listdir(train_data_dir)):
-        path = os.path.join(train_data_dir, name)
-        if name.startswith(".") or not os.path.isfile(path):
-            continue
-        if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-            candidates.append(path)
-            continue
-        try:  # no image extension: keep it only if PIL recognises the content
-            with Image.open(path) as probe:
-                probe.size
-            candidates.append(path)
-        except (UnidentifiedImageError, OSError, ValueError):
-            skipped.append(name)
+    in_subfolders = collections.Counter()  # top-level subfolder -> images left out (without recursive)
+    for folder, subfolders, names in os.walk(train_data_dir):
+        subfolders[:] = sorted(d for d in subfolders
+                               if not d.startswith(".") and os.path.realpath(os.path.join(folder, d)) not in excluded)
+        relative_folder = os.path.relpath(folder, train_data_dir)
+        at_top = relative_folder == "."
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            if name.startswith(".") or not os.path.isfile(path):
+                continue
+            is_image_name = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+            if not at_top and not recursive:
+                if is_image_name:
+                    in_subfolders[relative_folder.split(os.sep)[0]] += 1
+                continue
+            if caption_extension and name.endswith(caption_extension):
+                continue
+            if is_image_name:
+                candidates.append(path)
+                continue
+            try:  # no image extension: keep it only if PIL recognises the content
+                with Image.open(path) as probe:
+                    probe.size
+                candidates.append(path)
+            except (UnidentifiedImageError, OSError, ValueError):
+                skipped.append(name if at_top else os.path.join(relative_folder, name))
     if skipped:
-        warnings.warn(f"skipping {len(skipped)} non-image file(s) in {train_data_dir}: {', '.join(skipped[:5])}")
+        image_stems = {os.path.splitext(os.path.relpath(p, train_data_dir))[0] for p in candidates}
+        sidecars = collections.Counter(os.path.splitext(n)[1] for n in skipped if os.path.splitext(n)[0] in image_stems)
+        hint = ""
+        if sidecars and not caption_extension:
+            hint = f" (caption files? pass --caption_extension {sidecars.most_common(1)[0][0]})"
+        _warn(f"skipping {len(skipped)} non-image file(s) in {train_data_dir}: {', '.join(skipped[:5])}{hint}")
+    left_out = sum(in_subfolders.values())
+    if left_out and candidates:
+        folders = _quote_names([f"{d}{os.sep} ({n})" for d, n in sorted(in_subfolders.items())])
+        _warn(f"left out {left_out} image(s) in subfolders of {train_data_dir}: {folders}; "
+              "pass --recursive to train on them too")
     if not candidates:
-        raise UserError(f"--train_data_dir {train_data_dir!r} contains no image files; add .jpg/.png images of the concept")
+        where = f" (its {left_out} image(s) are in subfolders: pass --recursive)" if left_out else ""
+        raise UserError(f"--train_data_dir {train_data_dir!r} contains no image files{where}; "
+                        "add .jpg/.png images of the concept")
     return candidates
 
 
 class TextualInversionDataset:
-    """The training images (decoded once, both flips) and tokenised prompt templates.
+    """The training images (decoded once, both flips) and their tokenised prompts.
 
-    ``example(global_index)`` says what the i-th drawn example is (image, flip, template); ``pixels``
-    gives an image in [-1, 1], CHW float32; ``prompt_ids`` the token ids of a template. Indexing the
+    ``example(global_index)`` says what the i-th drawn example is (image, flip, prompt row); ``pixels``
+    gives an image in [-1, 1], CHW float32; ``prompt_ids`` the token ids of a prompt row. Indexing the
     dataset (``dataset[i]``) returns all of it as numpy arrays, like the diffusers dataset returns
     tensors.
+
+    Prompt rows are the distinct prompts over (image, template). Without captions and template file
+    every image has the same prompts, so the rows are the built-in templates and a row index is a
+    template index, exactly as in diffusers' script.
     """
 
     def __init__(self, data_root, tokenizer=None, placeholder_string=None, learnable_property="object", size=512,
-                 repeats=100, flip_p=0.5, center_crop=False, seed=0, num_workers=0, skip_bad_images=False):
+                 repeats=100, flip_p=0.5, center_crop=False, seed=0, num_workers=0, skip_bad_images=False,
+                 placeholder_token=None, caption_extension=None, caption_from_filename=False,
+                 prompt_template_file=None, recursive=False, exclude_dirs=()):
         self.size = size
         self.flip_p = flip_p
         self.seed = int(seed)
-        self.templates = templates_for(learnable_property)
         self.placeholder_string = placeholder_string
-        paths = find_images(data_root)
-        images, self.image_paths = self._decode_all(paths, size, center_crop, num_workers, skip_bad_images)
+        self.data_root = data_root
+        caption_extension = normalize_caption_extension(caption_extension)
+        # Read the template file first: its mistakes are reported before any image is decoded.
+        templates = read_prompt_templates(prompt_template_file) if prompt_template_file else None
+        paths = find_images(data_root, recursive=recursive, caption_extension=caption_extension,
+                            exclude_dirs=exclude_dirs)
+        images, self.image_paths = self._decode_all(paths, size, center_crop, num_workers, skip_bad_images, data_root)
         self._images = images
         self.num_images = len(images)
         self.num_examples = self.num_images * repeats
         self._order_cache = {}
+        self.captions = self._read_captions(caption_extension, caption_from_filename)
+        self._build_prompt_rows(templates, learnable_property, placeholder_token or
+                                (placeholder_string.split()[0] if placeholder_string else None), prompt_template_file)
         self.prompts, self._prompt_ids = None, None
         if tokenizer is not None:
             self.tokenize(tokenizer, placeholder_string)
 
+    def _name(self, path):
+        return os.path.relpath(path, self.data_root)
+
+    def _read_captions(self, caption_extension, caption_from_filename):
+        """One caption per kept image ("" when it has none), or None when captions are off.
+
+        A caption file wins over the file name, even when empty; an image without a caption is trained
+        with the template alone (warned), and no caption file at all for --caption_extension is an error.
+        """
+        if not caption_extension and not caption_from_filename:
+            return None
+        captions, missing, empty_files, empty_names = [], [], [], []
+        for path in self.image_paths:
+            sidecar = caption_path_for(path, caption_extension) if caption_extension else None
+            if sidecar and os.path.isfile(sidecar):
+                caption = read_caption(sidecar)
+                if not caption:
+                    empty_files.append(self._name(sidecar))
+            elif caption_from_filename:
+                caption = caption_from_file_name(path)
+                if not caption:
+                    empty_names.append(self._name(path))
+            else:
+                caption = ""
+                missing.append(self._name(path))
+            captions.append(caption)
+        if missing and len(missing) == self.num_images:
+            example = os.path.basename(caption_path_for(self.image_paths[0], caption_extension))
+            raise UserError(f"--caption_extension {caption_extension}: none of the {self.num_images} images has a caption "
+                            f"file (looked for {example} next to {os.path.basename(self.image_paths[0])}); check the "
+                            "extension, or pass --caption_from_filename")
+        if missing:
+            _warn(f"{len(missing)} of {self.num_images} images have no {caption_extension} caption file and are trained "
+                  f"with the prompt template alone: {_quote_names(missing)} (add the files, or pass "
+                  "--caption_from_filename to caption them by file name)")
+        if empty_files:
+            _warn(f"{len(empty_files)} caption file(s) are empty, so their images are trained with the prompt template "
+                  f"alone: {_quote_names(empty_files)}")
+        if empty_names:
+            _warn(f"{len(empty_names)} file name(s) give no caption (only a number), so their images are trained with "
+                  f"the prompt template alone: {_quote_names(empty_names)}")
+        return captions
+
+    def _build_prompt_rows(self, templates, learnable_property, placeholder_token, template_file):
+        """The distinct prompts (token as a slot) and, per image and template, the row that holds its prompt."""
+        if templates is None:
+            self.templates = templates_for(learnable_property)
+            patterns = [t.replace("{}", _TOKEN_SLOT) for t in self.templates]
+            if self.captions is not None:  # built-in template, then the caption: "a photo of a <tok>, <caption>"
+                patterns = [p + ", " + _CAPTION_SLOT for p in patterns]
+        else:
+            self.templates = templates
+            patterns = [_template_pattern(t) for t in templates]
+        uses_caption = any(_CAPTION_SLOT in p for p in patterns)
+        if self.captions is None:
+            if uses_caption:
+                raise UserError(f"--prompt_template_file {template_file!r} uses {{caption}} (or [filewords]) but no "
+                                "captions are read; pass --caption_extension .txt or --caption_from_filename, or "
+                                "remove the placeholder")
+            self._patterns = patterns
+            self._row_of = np.tile(np.arange(len(patterns)), (self.num_images, 1))
+            return
+        if placeholder_token is None:
+            raise ValueError("captions need placeholder_token, to find the captions that already contain it")
+        token = _token_pattern(placeholder_token)
+        if not uses_caption:
+            unused = [self._name(p) for p, c in zip(self.image_paths, self.captions) if c and not token.search(c)]
+            if unused:
+                _warn(f"--prompt_template_file has no {{caption}} (or [filewords]) placeholder, so the captions of "
+                      f"{len(unused)} image(s) without {placeholder_token} in them are not used: {_quote_names(unused)}")
+        rows, self._patterns = {}, []
+        self._row_of = np.zeros((self.num_images, len(patterns)), dtype=np.int64)
+        for image_index, caption in enumerate(self.captions):
+            for template_index, template_pattern in enumerate(patterns):
+                prompt = prompt_pattern(template_pattern, caption, token)
+                if prompt not in rows:
+                    rows[prompt] = len(self._patterns)
+                    self._patterns.append(prompt)
+                self._row_of[image_index, template_index] = rows[prompt]
+
     def tokenize(self, tokenizer, placeholder_string):
-        """Fill the templates with the placeholder string and tokenise all of them once."""
+        """Fill every prompt with the placeholder string and tokenise all of them once.
+
+        Prompts longer than the tokenizer's limit are cut, with one warning; a prompt whose cut
+        leaves none of the placeholder's tokens would train nothing and is an error.
+        """
         self.placeholder_string = placeholder_string
-        self.prompts = [t.format(placeholder_string) for t in self.templates]
+        self.prompts = [p.replace(_TOKEN_SLOT, placeholder_string) for p in self._patterns]
+        max_length = tokenizer.model_max_length
         self._prompt_ids = np.asarray(
-            tokenizer(self.prompts, padding="max_length", truncation=True,
-                      max_length=tokenizer.model_max_length).input_ids, dtype=np.int64)
+            tokenizer(self.prompts, padding="max_length", truncation=True, max_length=max_length).input_ids,
+            dtype=np.int64)
+        lengths = [len(ids) for ids in tokenizer(self.prompts, verbose=False).input_ids]
+        cut = [row for row, n in enumerate(lengths) if n > max_length]
+        if not cut:
+            return
+        placeholder_ids = tokenizer.convert_tokens_to_ids(placeholder_string.split())
+        lost = [row for row in cut if not np.isin(self._prompt_ids[row], placeholder_ids).any()]
+        if lost:
+            raise UserError(f"the prompt of {self._images_of(lost)} is longer than {max_length} tokens and, cut there, "
+                            f"keeps none of {placeholder_string.split()[0]}; shorten the caption or put the token nearer "
+                            "its start")
+        _warn(f"{len(cut)} prompt(s) are longer than the tokenizer's {max_length} tokens (longest {max(lengths)}) and are "
+              f"cut to {max_length}; the text past the cut is not seen. Prompts of {self._images_of(cut)}")
+
+    def _images_of(self, rows):
+        """The images whose prompts are these rows, quoted for a message."""
+        used = np.isin(self._row_of, rows).any(axis=1)
+        return _quote_names([self._name(p) for p, u in zip(self.image_paths, used) if u])
 
     @property
     def all_prompt_ids(self):
-        """[num_templates, max_length] int64 token ids of every template."""
+        """[num_prompt_rows, max_length] int64 token ids of every prompt."""
         return self._prompt_ids
 
     @staticmethod
-    def _decode_all(paths, size, center_crop, num_workers, skip_bad_images):
+    def _decode_all(paths, size, center_crop, num_workers, skip_bad_images, data_root):
         def decode(path):
             try:
-                return load_image(path, size, center_crop), None
+                return _decode_image(path, size, center_crop), None
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-                return None, err
+                return (None, None), err
 
         if num_workers > 0:
             with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
                 results = list(pool.map(decode, paths))
         else:
             results = [decode(p) for p in paths]
-        images, kept = [], []
-        for path, (array, err) in zip(paths, results):
+        images, kept, small = [], [], []
+        for path, ((array, original_size), err) in zip(paths, results):
             if array is None:
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 if not skip_bad_images:
                     raise UserError(f"cannot read image {path!r} ({reason}); remove or re-save it, or pass --skip_bad_images")
-                warnings.warn(f"skipping unreadable image {path}: {reason}")
+                _warn(f"skipping unreadable image {path}: {reason}")
                 continue
             images.append(array)
             kept.append(path)
+            factor = size / min(original_size)  # the short side's upscale, with or without --center_crop
+            if factor > SMALL_IMAGE_FACTOR:
+                width, height = original_size
+                small.append(f"{os.path.relpath(path, data_root)} ({width}x{height}, {factor:.3g}x)")
         if not images:
             raise UserError(f"none of the {len(paths)} image files in the data folder could be read; check the files")
+        if small:
+            _warn(f"{len(small)} image(s) are much smaller than --resolution {size} and are upscaled to it, which "
+                  f"blurs them: {_quote_names(small)}; use larger images or a lower --resolution")
         return images, kept
-
     def __len__(self):
         return self.num_examples
 
@@ -237,13 +531,17 @@ class TextualInversionDataset:
         return order
 
     def example(self, global_index):
-        """(image_index, flipped, template_index) of the global_index-th example drawn in training."""
+        """(image_index, flipped, prompt_index) of the global_index-th example drawn in training.
+
+        The template is drawn as in diffusers' order of draws; prompt_index is the row of
+        all_prompt_ids holding that template filled for that image.
+        """
         epoch, position = divmod(int(global_index), self.num_examples)
         image_index = int(self._epoch_order(epoch)[position])
         rng = np.random.default_rng(example_seed(self.seed, global_index, STREAM_AUGMENT))
         flipped = bool(rng.random() < self.flip_p)
         template_index = int(rng.integers(len(self.templates)))
-        return image_index, flipped, template_index
+        return image_index, flipped, int(self._row_of[image_index, template_index])
 
     def pixels(self, image_index, flipped):
         image = self._images[image_index]
@@ -252,19 +550,19 @@ class TextualInversionDataset:
         array = image.astype(np.float32) / 127.5 - 1.0
         return np.ascontiguousarray(array.transpose(2, 0, 1))
 
-    def prompt_ids(self, template_index):
+    def prompt_ids(self, prompt_index):
         if self._prompt_ids is None:
             raise ValueError("dataset was built without a tokenizer")
-        return self._prompt_ids[template_index]
+        return self._prompt_ids[prompt_index]
 
     def __getitem__(self, global_index):
-        image_index, flipped, template_index = self.example(global_index)
+        image_index, flipped, prompt_index = self.example(global_index)
         item = {"pixel_values": self.pixels(image_index, flipped), "image_index": image_index,
-                "flipped": flipped, "template_index": template_index}
+                "flipped": flipped, "prompt_index": prompt_index}
         if self.prompts is not None:
-            item["text"] = self.prompts[template_index]
+            item["text"] = self.prompts[prompt_index]
         if self._prompt_ids is not None:
-            item["input_ids"] = self.prompt_ids(template_index)
+            item["input_ids"] = self.prompt_ids(prompt_index)
         return item
 
 

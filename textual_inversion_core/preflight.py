@@ -31,7 +31,9 @@ def load_run_inputs(args):
     dataset = TextualInversionDataset(
         args.train_data_dir, learnable_property=args.learnable_property, size=args.resolution,
         repeats=args.repeats, center_crop=args.center_crop, num_workers=args.dataloader_num_workers,
-        skip_bad_images=args.skip_bad_images)
+        skip_bad_images=args.skip_bad_images, placeholder_token=args.placeholder_token,
+        caption_extension=args.caption_extension, caption_from_filename=args.caption_from_filename,
+        prompt_template_file=args.prompt_template_file, recursive=args.recursive, exclude_dirs=[args.output_dir])
     resume_path = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     resume_tensors, resume_state = checkpoints.load_checkpoint(resume_path) if resume_path else (None, None)
     init_vectors = None
