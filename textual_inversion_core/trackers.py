@@ -9,7 +9,13 @@ _MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
 
 
 def _installed(tracker):
-    return any(importlib.util.find_spec(module) is not None for module in _MODULES[tracker])
+    for module in _MODULES[tracker]:
+        try:
+            if importlib.util.find_spec(module) is not None:
+                return True
+        except ValueError:  # imported already, without a spec (e.g. a stand-in module): it is there
+            return True
+    return False
 
 
 def select_trackers(report_to, supported=("tensorboard", "wandb", "comet_ml"), trainer="this trainer"):

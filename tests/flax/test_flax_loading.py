@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-import textual_inversion_flax as ti_flax
+from flax_backend import model as flax_model
+from flax_backend import weights as flax_weights
 from textual_inversion_core.errors import UserError
 
 TOKEN_EMBEDDING = ("text_model", "embeddings", "token_embedding", "embedding")
@@ -18,7 +19,7 @@ TOKEN_EMBEDDING = ("text_model", "embeddings", "token_embedding", "embedding")
 def _load(folder, name):
     import jax.numpy as jnp
 
-    return ti_flax.load_component(folder, name, None, jnp.float32)
+    return flax_weights.load_component(folder, name, None, jnp.float32)
 
 
 def _file_tensor(path, suffix):
@@ -113,18 +114,18 @@ def test_noise_schedule_comes_from_the_model_config(tiny_pipeline, tmp_path):
     config = json.load(open(config_path))
     config.update(prediction_type="v_prediction", beta_start=0.001, beta_end=0.02, beta_schedule="linear")
     json.dump(config, open(config_path, "w"))
-    scheduler, state, _ = ti_flax.noise_schedule(folder)
+    scheduler, state, _ = flax_weights.noise_schedule(folder)
     assert scheduler.config.prediction_type == "v_prediction"
     np.testing.assert_allclose(np.asarray(state.common.betas)[[0, -1]], [0.001, 0.02], rtol=1e-6)
 
     config["prediction_type"] = "sample"
     json.dump(config, open(config_path, "w"))
     with pytest.raises(UserError, match="only epsilon and v_prediction"):
-        ti_flax.noise_schedule(folder)
+        flax_weights.noise_schedule(folder)
     config.update(prediction_type="epsilon", rescale_betas_zero_snr=True)
     json.dump(config, open(config_path, "w"))
     with pytest.raises(UserError, match="rescale_betas_zero_snr"):
-        ti_flax.noise_schedule(folder)
+        flax_weights.noise_schedule(folder)
 
 
 def test_example_keys_keep_all_64_seed_bits():
@@ -135,9 +136,9 @@ def test_example_keys_keep_all_64_seed_bits():
     seeds = [example_seed(7, i, STREAM_NOISE) for i in range(4)] + [2**62 + 5, 5]
     with jax.enable_x64(True):
         for seed in seeds:
-            np.testing.assert_array_equal(ti_flax.raw_prng_key(seed), np.asarray(jax.random.PRNGKey(seed)))
+            np.testing.assert_array_equal(flax_model.raw_prng_key(seed), np.asarray(jax.random.PRNGKey(seed)))
     # Seeds that differ only in their high word give different keys (PRNGKey without x64 would not).
-    assert not np.array_equal(ti_flax.raw_prng_key(2**40 + 1), ti_flax.raw_prng_key(1))
+    assert not np.array_equal(flax_model.raw_prng_key(2**40 + 1), flax_model.raw_prng_key(1))
 
 
 def test_sharded_safetensors_load_like_one_file(tiny_pipeline, tmp_path):
@@ -163,13 +164,13 @@ def test_sharded_safetensors_load_like_one_file(tiny_pipeline, tmp_path):
 
 
 def test_weight_choice_prefers_flax_then_safetensors_then_bin():
-    assert ti_flax._weight_choice({"diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors"}, None) \
+    assert flax_weights._weight_choice({"diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors"}, None) \
         == ("flax", ["diffusion_flax_model.msgpack"])
-    assert ti_flax._weight_choice({"pytorch_model.bin", "model.safetensors"}, None) == ("safetensors", ["model.safetensors"])
-    assert ti_flax._weight_choice({"model.fp16.safetensors", "model.safetensors"}, "fp16") \
+    assert flax_weights._weight_choice({"pytorch_model.bin", "model.safetensors"}, None) == ("safetensors", ["model.safetensors"])
+    assert flax_weights._weight_choice({"model.fp16.safetensors", "model.safetensors"}, "fp16") \
         == ("safetensors", ["model.fp16.safetensors"])
-    assert ti_flax._weight_choice({"pytorch_model.bin"}, None) == ("bin", ["pytorch_model.bin"])
-    assert ti_flax._weight_choice({"config.json"}, None) is None
+    assert flax_weights._weight_choice({"pytorch_model.bin"}, None) == ("bin", ["pytorch_model.bin"])
+    assert flax_weights._weight_choice({"config.json"}, None) is None
 
 
 def test_unreachable_hub_id_is_one_clear_error(tmp_path, train_images):

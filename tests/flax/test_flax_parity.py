@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-import textual_inversion as ti_torch
-import textual_inversion_flax as ti_flax
+from flax_backend import model as flax_model
+from flax_backend import weights as flax_weights
+from textual_inversion_core.tokens import add_placeholder_tokens
 
 
 def _relative_error(a, b):
@@ -25,10 +26,12 @@ def test_flax_loss_and_gradient_equal_pytorch(tiny_pipeline, prediction_type):
 
     # PyTorch side, exactly as textual_inversion.py prepares it.
     tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
-    placeholder_ids, initializer_id = ti_torch.add_placeholder_tokens(tokenizer, "<cat-toy>", num_vectors, "toy")
+    placeholder_ids, initializer_id = add_placeholder_tokens(tokenizer, "<cat-toy>", num_vectors, "toy")
     text_encoder = CLIPTextModel.from_pretrained(tiny_pipeline, subfolder="text_encoder").eval()
     unet = UNet2DConditionModel.from_pretrained(tiny_pipeline, subfolder="unet").eval()
-    ti_torch.verify_text_encoder_loaded(text_encoder, tiny_pipeline, torch)
+    from torch_backend import model as torch_model
+
+    torch_model.verify_text_encoder_loaded(text_encoder, tiny_pipeline)
     text_encoder.resize_token_embeddings(len(tokenizer))
     for module in (text_encoder, unet):
         module.requires_grad_(False)
@@ -39,7 +42,7 @@ def test_flax_loss_and_gradient_equal_pytorch(tiny_pipeline, prediction_type):
                 + 0.05 * rng.standard_normal((num_vectors, dim))).astype(np.float32)
     with torch.no_grad():
         base.weight[placeholder_ids] = torch.from_numpy(vectors0)
-    embedding = ti_torch.make_placeholder_embedding(torch)(base, placeholder_ids, torch.from_numpy(vectors0))
+    embedding = torch_model.PlaceholderEmbedding(base, placeholder_ids, torch.from_numpy(vectors0))
     text_encoder.set_input_embeddings(embedding)
     scheduler_pt = DDPMScheduler.from_pretrained(tiny_pipeline, subfolder="scheduler", prediction_type=prediction_type)
 
@@ -51,7 +54,7 @@ def test_flax_loss_and_gradient_equal_pytorch(tiny_pipeline, prediction_type):
     noise = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)
     timesteps = np.array([37, 911], dtype=np.int64)
 
-    loss_pt = ti_torch.denoising_loss(text_encoder, unet, scheduler_pt, torch.from_numpy(latents),
+    loss_pt = torch_model.denoising_loss(text_encoder, unet, scheduler_pt, torch.from_numpy(latents),
                                       torch.from_numpy(noise), torch.from_numpy(timesteps), torch.from_numpy(ids),
                                       torch.float32)
     loss_pt.backward()
@@ -60,13 +63,15 @@ def test_flax_loss_and_gradient_equal_pytorch(tiny_pipeline, prediction_type):
     assert np.linalg.norm(grad_pt) > 0
 
     # Flax side: weights converted from the same PyTorch files by the trainer's own loader.
-    te_model, te_params, _ = ti_flax.load_component(tiny_pipeline, "text_encoder", None, jnp.float32)
-    unet_model, unet_params, _ = ti_flax.load_component(tiny_pipeline, "unet", None, jnp.float32)
-    ti_flax.add_placeholder_rows(te_model, te_params, len(tokenizer), placeholder_ids, initializer_id, num_vectors)
-    scheduler_fx, _, config = ti_flax.noise_schedule(tiny_pipeline)
+    te_model, te_params, _ = flax_weights.load_component(tiny_pipeline, "text_encoder", None, jnp.float32)
+    unet_model, unet_params, _ = flax_weights.load_component(tiny_pipeline, "unet", None, jnp.float32)
+    initializer_row = np.asarray(flax_model.token_embedding_table(te_params))[initializer_id]
+    flax_model.add_placeholder_rows(te_model, te_params, len(tokenizer), placeholder_ids,
+                                    np.repeat(initializer_row[None], num_vectors, axis=0))
+    scheduler_fx, _, config = flax_weights.noise_schedule(tiny_pipeline)
     assert config["beta_schedule"] == "scaled_linear"
     scheduler_fx = FlaxDDPMScheduler(**{**scheduler_fx.config, "prediction_type": prediction_type})
-    loss_fn = ti_flax.make_denoising_loss(te_model, unet_model, scheduler_fx, placeholder_ids, jnp.float32)
+    loss_fn = flax_model.make_denoising_loss(te_model, unet_model, scheduler_fx, placeholder_ids, jnp.float32)
     params = {"text_encoder": te_params, "unet": unet_params}
     loss_fx, grad_fx = jax.jit(jax.value_and_grad(loss_fn))(
         jnp.asarray(vectors0), params, scheduler_fx.create_state(), jnp.asarray(latents), jnp.asarray(noise),

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import textual_inversion_flax as ti_flax
+from flax_backend.weights import load_component
 from helpers import FLAX_SCRIPT, TORCH_PYTHON, TORCH_SCRIPT, flax_base_args, read_vectors, run_flax, run_torch_python
 from textual_inversion_core.cli import flag_names
 
@@ -94,7 +95,7 @@ def test_every_vector_trained_and_starts_from_the_initializer(runs, tiny_pipelin
     vectors = read_vectors(os.path.join(runs["two_devices"], "learned_embeds.safetensors"))
     import jax.numpy as jnp
 
-    _, te_params, _ = ti_flax.load_component(tiny_pipeline, "text_encoder", None, jnp.float32)
+    _, te_params, _ = load_component(tiny_pipeline, "text_encoder", None, jnp.float32)
     table = te_params["text_model"]["embeddings"]["token_embedding"]["embedding"]
     toy = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer").encode("toy", add_special_tokens=False)[0]
     for row in vectors:
@@ -159,7 +160,7 @@ def test_saved_flax_pipeline_loads_and_only_the_new_rows_differ(runs, tiny_pipel
     saved_table = np.asarray(params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"])
     np.testing.assert_array_equal(saved_table[ids], vectors)
     for name in ("text_encoder", "unet", "vae"):
-        _, original, _ = ti_flax.load_component(tiny_pipeline, name, None, jnp.float32)
+        _, original, _ = load_component(tiny_pipeline, name, None, jnp.float32)
         saved, original = flatten_dict(params[name]), flatten_dict(original)
         assert set(saved) == set(original), name
         for key, value in original.items():
@@ -251,7 +252,7 @@ def test_bf16_schedule_and_scaled_lr(tiny_pipeline, train_images, compile_cache,
     import jax.numpy as jnp
     from transformers import CLIPTokenizer
 
-    _, te_params, _ = ti_flax.load_component(tiny_pipeline, "text_encoder", None, jnp.float32)
+    _, te_params, _ = load_component(tiny_pipeline, "text_encoder", None, jnp.float32)
     toy = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer").encode("toy", add_special_tokens=False)[0]
     moved = np.abs(vectors - te_params["text_model"]["embeddings"]["token_embedding"]["embedding"][toy]).max()
     assert 1e-3 < moved < 0.1

@@ -1,0 +1,242 @@
+"""The run logic both trainers share (textual_inversion_core.run, tokens, trackers), in process and fast."""
+
+import logging
+import signal
+import sys
+
+import numpy as np
+import pytest
+
+from textual_inversion_core import run
+from textual_inversion_core.cli import parse_args
+from textual_inversion_core.errors import UserError
+from textual_inversion_core.preflight import RunInputs
+from textual_inversion_core.schedules import lr_table
+from textual_inversion_core.trackers import select_trackers
+
+
+def flags_argv(**overrides):
+    return ["--pretrained_model_name_or_path=m", "--train_data_dir=d", "--placeholder_token=<t>",
+            "--initializer_token=toy"] + [f"--{k}={v}" for k, v in overrides.items()]
+
+
+def flags(**overrides):
+    return parse_args(flags_argv(**overrides))
+
+
+def test_plan_follows_diffusers_step_arithmetic():
+    args = flags(train_batch_size=3, gradient_accumulation_steps=2, num_train_epochs=2,
+                 learning_rate=1e-3, validation_prompt="x", validation_epochs=1)
+    args.max_train_steps = None  # diffusers: epochs decide when --max_train_steps is not given
+    plan = run.make_plan(args, num_examples=100, num_devices=4)
+    assert plan.micro_batch == 12 and plan.global_batch == 24
+    assert plan.steps_per_epoch == 5  # ceil(100 / 24)
+    assert plan.max_train_steps == 10
+    assert plan.validation_steps == 5  # --validation_epochs converted to steps
+    assert plan.learning_rate == 1e-3
+    scaled = run.make_plan(parse_args(flags_argv(train_batch_size=3, gradient_accumulation_steps=2,
+                                                 learning_rate=1e-3) + ["--scale_lr"]), 100, 4)
+    assert scaled.learning_rate == pytest.approx(1e-3 * 3 * 2 * 4)
+    assert run.make_plan(flags(validation_steps=7), 10, 1).validation_steps == 0  # no prompt: no validation
+
+
+@pytest.mark.parametrize("devices, batch, accumulation", [(1, 4, 1), (2, 2, 1), (4, 1, 2), (3, 2, 3)])
+def test_devices_together_draw_exactly_the_single_device_examples(devices, batch, accumulation):
+    """The union over devices of each micro-batch is the one-device micro-batch, in order."""
+    many = run.RunPlan(batch, devices, accumulation, 40, 5, 1.0)
+    one = run.RunPlan(batch * devices, 1, accumulation, 40, 5, 1.0)
+    for step in range(5):
+        for micro in range(accumulation):
+            joined = [i for d in range(devices) for i in many.example_indices(step, micro, d)]
+            assert joined == list(one.example_indices(step, micro, 0))
+            # a host feeding all its devices at once draws the same indices as its devices one by one
+            assert list(many.example_indices(step, micro, 0, devices)) == joined
+    seen = [i for s in range(5) for m in range(accumulation) for i in one.example_indices(s, m, 0)]
+    assert seen == list(range(5 * accumulation * batch * devices))  # every example once, none skipped
+
+
+def test_step_actions():
+    plan = run.RunPlan(1, 1, 1, 10, max_train_steps=12, learning_rate=1.0, save_steps=4, checkpointing_steps=6,
+                       validation_steps=5, logging_steps=3)
+    act = {s: plan.actions(s) for s in range(1, 13)}
+    assert [s for s in act if act[s].save_embeddings] == [4, 8, 12]
+    assert [s for s in act if act[s].save_checkpoint] == [6, 12]
+    assert [s for s in act if act[s].validate] == [5, 10]
+    # losses reach the host on logging steps, before every save or validation, and at the end
+    assert [s for s in act if act[s].fetch_losses] == [3, 4, 5, 6, 8, 9, 10, 12]
+    assert not any(a.stop for a in act.values())
+    stopped = plan.actions(7, interrupted=True)
+    assert stopped.stop and stopped.save_embeddings and stopped.save_checkpoint and stopped.fetch_losses
+    last = plan.actions(12, interrupted=True)  # the last step ends normally, with its final files
+    assert not last.stop
+    off = run.RunPlan(1, 1, 1, 10, 3, 1.0)  # 0 disables each periodic action
+    assert not any(off.actions(s).save_embeddings or off.actions(s).save_checkpoint or off.actions(s).validate
+                   for s in range(1, 4))
+
+
+def test_seed_comes_from_the_checkpoint_then_the_flag_then_one_draw(caplog):
+    logger = logging.getLogger("test")
+    assert run.resolve_seed(5, None, logger) == 5
+    with caplog.at_level(logging.WARNING):
+        assert run.resolve_seed(5, {"seed": 9}, logger) == 9
+    assert "differs from the checkpoint's 9" in caplog.text
+    drawn = run.resolve_seed(None, None, logger, share=lambda seed: 77)  # every process takes process 0's
+    assert drawn == 77
+    assert 0 <= run.resolve_seed(None, None, logger) < 2**31
+
+
+def _inputs(state=None, vectors=None, adam=False):
+    tensors = None
+    if state is not None:
+        tensors = {"vectors": vectors}
+        if adam:
+            tensors.update(exp_avg=np.ones_like(vectors), exp_avg_sq=np.full_like(vectors, 2.0))
+    return RunInputs(None, "out/checkpoint-3" if state else None, tensors, state, None)
+
+
+def test_resume_point_checks_the_checkpoint_against_the_run(caplog):
+    args = flags(num_vectors=2, train_batch_size=2)
+    plan = run.make_plan(args, 8, 1)
+    logger = logging.getLogger("test")
+    vectors = np.arange(8, dtype=np.float32).reshape(2, 4)
+    state = {"seed": 1, "num_vectors": 2, "global_batch": 2, "step": 3, "optimizer_step": 3.0}
+    point = run.resume_point(args, _inputs(state, vectors, adam=True), 4, plan, logger)
+    assert point.step == 3 and np.array_equal(point.vectors, vectors)
+    assert point.adam.step == 3 and np.array_equal(point.adam.exp_avg_sq, np.full_like(vectors, 2.0))
+    with pytest.raises(UserError, match="other --num_vectors or another model"):
+        run.resume_point(args, _inputs(state, vectors), 8, plan, logger)  # another text-encoder width
+    with pytest.raises(UserError, match="other --num_vectors"):
+        run.resume_point(args, _inputs(dict(state, num_vectors=1), vectors[:1]), 4, plan, logger)
+    with caplog.at_level(logging.WARNING):
+        run.resume_point(args, _inputs(dict(state, global_batch=8), vectors), 4, plan, logger)
+    assert "another global batch" in caplog.text
+
+
+def test_latest_without_a_checkpoint_warns_in_both_trainers(caplog):
+    """Shared since the loops were unified: the Flax trainer used to start a new run silently."""
+    args = flags(resume_from_checkpoint="latest")
+    with caplog.at_level(logging.WARNING):
+        point = run.resume_point(args, _inputs(), 4, run.make_plan(args, 8, 1), logging.getLogger("test"))
+    assert point == run.Resume()
+    assert "no checkpoint in text-inversion-model yet, starting a new run" in caplog.text
+
+
+def test_checkpoint_payload_round_trips_through_resume_point():
+    args = flags(num_vectors=2, seed=3)
+    plan = run.make_plan(args, 8, 2)
+    vectors = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    adam = run.AdamMoments(vectors * 0.1, vectors**2, 5)
+    tensors, state = run.checkpoint_payload(vectors, adam, 3, args, plan, "flax")
+    assert sorted(tensors) == ["exp_avg", "exp_avg_sq", "vectors"]
+    assert state["global_batch"] == plan.global_batch and state["optimizer_step"] == 5.0
+    point = run.resume_point(args, _inputs(dict(state, step=5), tensors["vectors"], adam=False)._replace(
+        resume_tensors=tensors), 4, plan, logging.getLogger("test"))
+    assert point.step == 5 and point.adam.step == 5
+    assert np.array_equal(point.adam.exp_avg, adam.exp_avg) and np.array_equal(point.adam.exp_avg_sq, adam.exp_avg_sq)
+    fresh, fresh_state = run.checkpoint_payload(vectors, None, 3, args, plan, "pytorch")
+    assert sorted(fresh) == ["vectors"] and fresh_state["optimizer_step"] == 0.0
+
+
+def test_stop_signals_are_caught_then_the_previous_handlers_come_back():
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGINT, mine)
+    try:
+        with run.StopSignals() as stop:
+            assert not stop.requested
+            signal.raise_signal(signal.SIGINT)  # caught: no KeyboardInterrupt
+            assert stop.requested
+        assert signal.getsignal(signal.SIGINT) is mine
+        with pytest.raises(RuntimeError):
+            with run.StopSignals():
+                raise RuntimeError("a failed run also gives the handlers back")
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_loss_log_fetches_pending_losses_together_and_stops_on_the_first_non_finite():
+    log = run.LossLog()
+    fetched_batches = []
+
+    def to_host(values):
+        fetched_batches.append(len(values))
+        return values
+
+    log.add(1, 0.5, 1e-3)
+    log.add(2, 0.25, 1e-3)
+    assert log.fetch(to_host) == [(1, 0.5, 1e-3), (2, 0.25, 1e-3)]
+    assert fetched_batches == [2] and log.fetch(to_host) == [] and fetched_batches == [2]
+    log.add(3, float("nan"), 1e-3)
+    log.add(4, float("inf"), 1e-3)
+    with pytest.raises(UserError, match="loss became nan at step 3; lower --learning_rate"):
+        log.fetch(to_host)
+    assert log.history == [(1, 0.5), (2, 0.25)]
+    with pytest.raises(UserError, match="learned vectors became non-finite by step 4"):
+        run.check_finite_vectors(np.array([[1.0, np.inf]]), 4)
+    run.check_finite_vectors(np.zeros((2, 3)), 4)
+
+
+def test_latent_cache_encodes_each_image_and_flip_once_then_frees_the_encoder():
+    class Images:
+        num_images = 2
+
+        def pixels(self, image, flip):
+            return np.full((3, 2, 2), image * 10 + flip, np.float32)
+
+    calls, freed = [], []
+
+    def encode(pixels):
+        calls.append(len(pixels))
+        # a strided (channels-last-like) view, as a framework may return: the cache stores it C-contiguous
+        means = [np.asfortranarray(p[:2] + 0.5) for p in pixels]
+        return means, [p[:2] * 0 + 1 for p in pixels]
+
+    cache = run.LatentCache(Images(), encode, on_full=lambda: freed.append(True))
+    mean, std = cache([(0, False), (1, True), (0, False)])
+    assert calls == [2] and mean.shape == (3, 2, 2, 2) and mean[2, 0, 0, 0] == 0.5 and mean[1, 0, 0, 0] == 11.5
+    assert all(entry[0].flags.c_contiguous for entry in cache.entries.values())
+    cache([(0, True), (1, False)])
+    assert calls == [2, 2] and freed == [True]
+    cache([(1, False)])
+    assert calls == [2, 2] and freed == [True]
+
+
+def test_zero_learning_rate_is_zero_in_every_schedule():
+    for name in ("constant", "linear", "cosine", "polynomial", "constant_with_warmup", "cosine_with_restarts"):
+        assert lr_table(name, 2, 10, 1, 0.0) == [0.0] * 11
+    assert flags(learning_rate=0).learning_rate == 0.0
+    with pytest.raises(UserError, match="--lr_scheduler polynomial decays to 1e-7"):
+        flags(learning_rate=1e-8, lr_scheduler="polynomial")
+
+
+def test_report_to_all_means_the_installed_trackers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # a None entry makes a package look absent
+    monkeypatch.setitem(sys.modules, "comet_ml", None)
+    assert select_trackers("all") == ["tensorboard"]
+    assert select_trackers("none") == []
+    with pytest.raises(UserError, match="--report_to wandb needs the wandb package"):
+        select_trackers("wandb")
+    with pytest.raises(UserError, match="--report_to comet_ml is not supported by the Flax trainer"):
+        select_trackers("comet_ml", supported=("tensorboard", "wandb"), trainer="the Flax trainer")
+
+
+def test_add_placeholder_tokens_with_the_real_clip_vocabulary(tiny_pipeline):
+    from transformers import CLIPTokenizer
+
+    from textual_inversion_core.tokens import add_placeholder_tokens, placeholder_string
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
+    size = len(tokenizer)
+    ids, initializer = add_placeholder_tokens(tokenizer, "<cat-toy>", 3, "toy")
+    assert ids == [size, size + 1, size + 2] and initializer == tokenizer.encode("toy", add_special_tokens=False)[0]
+    assert placeholder_string(tokenizer, ids) == "<cat-toy> <cat-toy>_1 <cat-toy>_2"
+    with pytest.raises(UserError, match="already in the tokenizer's vocabulary"):
+        add_placeholder_tokens(tokenizer, "<cat-toy>", 1, "toy")
+    fresh = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
+    with pytest.raises(UserError, match="already in the tokenizer's vocabulary"):
+        add_placeholder_tokens(fresh, "cat", 1, "toy")
+    with pytest.raises(UserError, match="must be a single token"):
+        add_placeholder_tokens(fresh, "<new>", 1, "toy car")
+    assert len(fresh) == size  # nothing added by a refused call

@@ -1,0 +1,88 @@
+"""Run-level behaviour the PyTorch trainer owes its users: trackers get the validation images, a
+mixed-precision full pipeline is saved in fp32, --learning_rate 0 exports the initializer, and an
+in-process caller gets its signal handlers back."""
+
+import glob
+import os
+import signal
+
+import numpy as np
+from helpers import base_args, read_vectors, run_script
+from safetensors.numpy import load_file
+
+
+def _tensorboard_image_steps(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    steps = []
+    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
+        events = EventAccumulator(path, size_guidance={IMAGES: 0})
+        events.Reload()
+        for tag in events.Tags()[IMAGES]:
+            steps += [(tag, e.step) for e in events.Images(tag)]
+    return steps
+
+
+def test_report_to_all_logs_validation_images_to_every_installed_tracker(tiny_pipeline, train_images, tmp_path):
+    """--report_to all means the installed trackers (here TensorBoard and wandb; comet_ml is not installed),
+    and each gets the validation images, not only TensorBoard."""
+    out, wandb_dir = str(tmp_path / "out"), str(tmp_path / "wandb")
+    os.makedirs(wandb_dir)
+    result = run_script(base_args(tiny_pipeline, train_images, out, report_to="all", max_train_steps=2,
+                                  validation_prompt="a photo of <cat-toy>", validation_steps=2, num_validation_images=1),
+                        env={"WANDB_MODE": "offline", "WANDB_DIR": wandb_dir, "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.listdir(os.path.join(out, "validation")) == ["step-000002-0.png"]
+    assert ("validation", 2) in _tensorboard_image_steps(os.path.join(out, "logs"))
+    media = glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*", "files", "media", "images", "validation_2_*.png"))
+    assert len(media) == 1, glob.glob(os.path.join(wandb_dir, "**"), recursive=True)
+
+
+def test_bf16_full_pipeline_is_saved_in_fp32_with_the_original_weights(tiny_pipeline, train_images, tmp_path):
+    out = str(tmp_path / "out")
+    result = run_script(base_args(tiny_pipeline, train_images, out, mixed_precision="bf16", max_train_steps=2,
+                                  save_as_full_pipeline=True, num_vectors=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    learned = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    for component in ("unet", "vae"):
+        original = load_file(os.path.join(tiny_pipeline, component, "diffusion_pytorch_model.safetensors"))
+        saved = load_file(os.path.join(out, component, "diffusion_pytorch_model.safetensors"))
+        assert sorted(saved) == sorted(original)
+        for key in original:  # bit-identical, not rounded through bf16
+            assert saved[key].dtype == np.float32 and np.array_equal(saved[key], original[key]), (component, key)
+    original = load_file(os.path.join(tiny_pipeline, "text_encoder", "model.safetensors"))
+    saved = load_file(os.path.join(out, "text_encoder", "model.safetensors"))
+    assert {v.dtype for v in saved.values()} == {np.dtype(np.float32)}
+    key = "text_model.embeddings.token_embedding.weight"
+    rows = original[key].shape[0]
+    assert saved[key].shape[0] == rows + 2
+    assert np.array_equal(saved[key][:rows], original[key])  # every other vocabulary row unchanged
+    assert np.array_equal(saved[key][rows:], learned)  # the learned rows exactly, not rounded
+    for name in original:
+        if name != key:
+            assert np.array_equal(saved[name], original[name]), name
+
+
+def test_zero_learning_rate_exports_the_initializer_and_gives_the_signal_handlers_back(tiny_pipeline, train_images,
+                                                                                        tmp_path):
+    import textual_inversion
+
+    def mine(signum, frame):
+        pass
+
+    out = str(tmp_path / "out")
+    previous = {sig: signal.signal(sig, mine) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert textual_inversion.main(base_args(tiny_pipeline, train_images, out, learning_rate=0, max_train_steps=2,
+                                                num_vectors=2, adam_weight_decay=0.5)) == 0
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
+    toy = tokenizer.encode("toy", add_special_tokens=False)[0]
+    table = load_file(os.path.join(tiny_pipeline, "text_encoder", "model.safetensors"))[
+        "text_model.embeddings.token_embedding.weight"]
+    assert np.array_equal(read_vectors(os.path.join(out, "learned_embeds.safetensors")), np.stack([table[toy]] * 2))
