@@ -153,6 +153,19 @@ def test_long_captions_are_cut_with_one_warning(tmp_path, tokenizer):
         build(folder, tokenizer, caption_extension=".txt")
 
 
+def test_a_prompt_of_exactly_the_limit_is_not_cut(tmp_path, tokenizer):
+    folder = write_images(tmp_path / "data", count=2)
+    templates = tmp_path / "t.txt"
+    write(templates, "{token} {caption}\n")
+    write(os.path.join(folder, "image_0.txt"), " ".join(["word"] * 74))  # start + <t> + 74 + end = 77 tokens
+    write(os.path.join(folder, "image_1.txt"), " ".join(["word"] * 75))
+    dataset, messages = build(folder, tokenizer, caption_extension=".txt", prompt_template_file=str(templates))
+    cut = [m for m in messages if "longer than" in m]
+    assert len(cut) == 1 and "1 prompt(s)" in cut[0] and "(longest 78)" in cut[0] and "image_1.png" in cut[0]
+    assert "image_0.png" not in cut[0]
+    assert dataset.all_prompt_ids[dataset._row_of[0, 0], -1] == tokenizer.eos_token_id
+
+
 # ---- Prompt-template files -----------------------------------------------------------------------------------
 
 def test_template_file_placeholders_in_both_spellings(captioned, tokenizer, tmp_path):
@@ -181,15 +194,15 @@ def test_template_file_without_captions_uses_the_token_only(tmp_path, tokenizer)
     assert not messages
 
 
-@pytest.mark.parametrize("content, options, expected", [
-    (None, {}, "does not exist"),
-    ("# nothing here\n\n", {}, "holds no template"),
-    ("a photo of {token}\na photo of {}\n", {}, r"line 2 of --prompt_template_file .* has no \{token\} \(or \[name\]\) "
-                                               r"placeholder \(write \{token\} where diffusers' lists have \{\}\)"),
-    ("a photo of {token}, {caption}\n", {}, r"uses \{caption\} \(or \[filewords\]\) but no captions are read"),
-    (b"a \xff photo of {token}\n", {}, "is not UTF-8 text"),
-])
-def test_template_file_mistakes_are_one_line_errors(tmp_path, content, options, expected):
+@pytest.mark.parametrize("content, expected", [
+    (None, "does not exist"),
+    ("# nothing here\n\n", "holds no template"),
+    ("a photo of {token}\na photo of {}\n", r"line 2 of --prompt_template_file .* has no \{token\} \(or \[name\]\) "
+                                          r"placeholder \(write \{token\} where diffusers' lists have \{\}\)"),
+    ("a photo of {token}, {caption}\n", r"uses \{caption\} \(or \[filewords\]\) but no captions are read"),
+    (b"a \xff photo of {token}\n", "is not UTF-8 text"),
+], ids=["missing file", "no template", "line without the token", "caption placeholder without captions", "not UTF-8"])
+def test_template_file_mistakes_are_one_line_errors(tmp_path, content, expected):
     folder = write_images(tmp_path / "data", count=1)
     path = tmp_path / "templates.txt"
     if isinstance(content, bytes):
@@ -197,8 +210,19 @@ def test_template_file_mistakes_are_one_line_errors(tmp_path, content, options, 
     elif content is not None:
         write(path, content)
     with pytest.raises(UserError, match=expected) as err:
-        build(folder, prompt_template_file=str(path), **options)
+        build(folder, prompt_template_file=str(path))
     assert "\n" not in str(err.value)
+
+
+def test_an_empty_caption_takes_its_separators_along(tmp_path, tokenizer):
+    folder = write_images(tmp_path / "data", count=2)
+    write(os.path.join(folder, "image_0.txt"), "on a shelf")
+    write(os.path.join(folder, "image_1.txt"), "")
+    templates = tmp_path / "t.txt"
+    write(templates, "{token}, {caption}, high quality\n{caption}, {token}\nthe {token} , {caption}\n")
+    dataset, _ = build(folder, tokenizer, caption_extension=".txt", prompt_template_file=str(templates))
+    assert prompts_of(dataset, 0) == ["<t>, on a shelf, high quality", "on a shelf, <t>", "the <t> , on a shelf"]
+    assert prompts_of(dataset, 1) == ["<t>, high quality", "<t>", "the <t>"]
 
 
 def test_template_file_without_caption_placeholder_warns_that_captions_go_unused(captioned, tmp_path, tokenizer):

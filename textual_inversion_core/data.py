@@ -199,7 +199,6 @@ def _without_caption(pattern):
     """A template with an empty caption: the slot and the separators left around it go."""
     text = pattern.replace(_CAPTION_SLOT, "")
     text = re.sub(r",(?:\s*,)+", ",", text)
-    text = re.sub(r"\s+,", ",", text)
     text = re.sub(r"^[\s,]+|[\s,]+$", "", text)
     return " ".join(text.split())
 
@@ -357,6 +356,11 @@ class TextualInversionDataset:
         caption_extension = normalize_caption_extension(caption_extension)
         # Read the template file first: its mistakes are reported before any image is decoded.
         templates = read_prompt_templates(prompt_template_file) if prompt_template_file else None
+        if templates and not (caption_extension or caption_from_filename) and \
+                any(_CAPTION_SLOT in _template_pattern(t) for t in templates):
+            raise UserError(f"--prompt_template_file {prompt_template_file!r} uses {{caption}} (or [filewords]) but no "
+                            "captions are read; pass --caption_extension .txt or --caption_from_filename, or remove "
+                            "the placeholder")
         paths = find_images(data_root, recursive=recursive, caption_extension=caption_extension,
                             exclude_dirs=exclude_dirs)
         images, self.image_paths = self._decode_all(paths, size, center_crop, num_workers, skip_bad_images, data_root)
@@ -366,7 +370,7 @@ class TextualInversionDataset:
         self._order_cache = {}
         self.captions = self._read_captions(caption_extension, caption_from_filename)
         self._build_prompt_rows(templates, learnable_property, placeholder_token or
-                                (placeholder_string.split()[0] if placeholder_string else None), prompt_template_file)
+                                (placeholder_string.split()[0] if placeholder_string else None))
         self.prompts, self._prompt_ids = None, None
         if tokenizer is not None:
             self.tokenize(tokenizer, placeholder_string)
@@ -414,7 +418,7 @@ class TextualInversionDataset:
                   f"the prompt template alone: {_quote_names(empty_names)}")
         return captions
 
-    def _build_prompt_rows(self, templates, learnable_property, placeholder_token, template_file):
+    def _build_prompt_rows(self, templates, learnable_property, placeholder_token):
         """The distinct prompts (token as a slot) and, per image and template, the row that holds its prompt."""
         if templates is None:
             self.templates = templates_for(learnable_property)
@@ -424,19 +428,14 @@ class TextualInversionDataset:
         else:
             self.templates = templates
             patterns = [_template_pattern(t) for t in templates]
-        uses_caption = any(_CAPTION_SLOT in p for p in patterns)
-        if self.captions is None:
-            if uses_caption:
-                raise UserError(f"--prompt_template_file {template_file!r} uses {{caption}} (or [filewords]) but no "
-                                "captions are read; pass --caption_extension .txt or --caption_from_filename, or "
-                                "remove the placeholder")
+        if self.captions is None:  # (a {caption} placeholder without captions was refused in __init__)
             self._patterns = patterns
             self._row_of = np.tile(np.arange(len(patterns)), (self.num_images, 1))
             return
         if placeholder_token is None:
             raise ValueError("captions need placeholder_token, to find the captions that already contain it")
         token = _token_pattern(placeholder_token)
-        if not uses_caption:
+        if not any(_CAPTION_SLOT in p for p in patterns):
             unused = [self._name(p) for p, c in zip(self.image_paths, self.captions) if c and not token.search(c)]
             if unused:
                 _warn(f"--prompt_template_file has no {{caption}} (or [filewords]) placeholder, so the captions of "
@@ -452,7 +451,7 @@ class TextualInversionDataset:
                 self._row_of[image_index, template_index] = rows[prompt]
 
     def tokenize(self, tokenizer, placeholder_string):
-        """Fill every prompt with the placeholder string and tokenise all of them once.
+        """Fill every prompt with the placeholder string and tokenise each distinct prompt once.
 
         Prompts longer than the tokenizer's limit are cut, with one warning; a prompt whose cut
         leaves none of the placeholder's tokens would train nothing and is an error.
@@ -463,8 +462,15 @@ class TextualInversionDataset:
         self._prompt_ids = np.asarray(
             tokenizer(self.prompts, padding="max_length", truncation=True, max_length=max_length).input_ids,
             dtype=np.int64)
-        lengths = [len(ids) for ids in tokenizer(self.prompts, verbose=False).input_ids]
-        cut = [row for row, n in enumerate(lengths) if n > max_length]
+        # Only a row with no padding before its last place can have been cut; only those are measured
+        # again, so short prompts (every built-in template) are tokenised once.
+        pad = tokenizer.pad_token_id
+        near_limit = [row for row, ids in enumerate(self._prompt_ids) if pad is None or ids[-2] != pad]
+        if not near_limit:
+            return
+        measured = tokenizer([self.prompts[row] for row in near_limit], verbose=False).input_ids
+        lengths = {row: len(ids) for row, ids in zip(near_limit, measured)}
+        cut = [row for row in near_limit if lengths[row] > max_length]
         if not cut:
             return
         placeholder_ids = tokenizer.convert_tokens_to_ids(placeholder_string.split())
@@ -473,8 +479,8 @@ class TextualInversionDataset:
             raise UserError(f"the prompt of {self._images_of(lost)} is longer than {max_length} tokens and, cut there, "
                             f"keeps none of {placeholder_string.split()[0]}; shorten the caption or put the token nearer "
                             "its start")
-        _warn(f"{len(cut)} prompt(s) are longer than the tokenizer's {max_length} tokens (longest {max(lengths)}) and are "
-              f"cut to {max_length}; the text past the cut is not seen. Prompts of {self._images_of(cut)}")
+        _warn(f"{len(cut)} prompt(s) are longer than the tokenizer's {max_length} tokens (longest {max(lengths.values())}) "
+              f"and are cut to {max_length}; the text past the cut is not seen. Prompts of {self._images_of(cut)}")
 
     def _images_of(self, rows):
         """The images whose prompts are these rows, quoted for a message."""
