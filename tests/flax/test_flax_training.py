@@ -149,11 +149,23 @@ def test_outputs_load_in_pytorch_diffusers(runs, tiny_pipeline):
 
 
 def test_saved_flax_pipeline_loads_and_only_the_new_rows_differ(runs, tiny_pipeline):
+    assert_pipeline_is_the_original_plus_learned_rows(runs["two_devices"], tiny_pipeline)
+
+
+def test_bf16_run_saves_the_pipeline_in_fp32_from_the_original_weights(tiny_pipeline, train_images, compile_cache,
+                                                                        tmp_path):
+    """The frozen weights train in bf16; the saved pipeline must not be those rounded copies."""
+    out = str(tmp_path / "bf16")
+    run_flax(flax_base_args(tiny_pipeline, train_images, out, mixed_precision="bf16", max_train_steps=1,
+                            save_as_full_pipeline=True), cache=compile_cache)
+    assert_pipeline_is_the_original_plus_learned_rows(out, tiny_pipeline)
+
+
+def assert_pipeline_is_the_original_plus_learned_rows(out, tiny_pipeline):
     import jax.numpy as jnp
     from diffusers import FlaxStableDiffusionPipeline
     from flax.traverse_util import flatten_dict
 
-    out = runs["two_devices"]
     vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     pipeline, params = FlaxStableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None)
     ids = pipeline.tokenizer.convert_tokens_to_ids(PLACEHOLDER_TOKENS)
@@ -165,6 +177,7 @@ def test_saved_flax_pipeline_loads_and_only_the_new_rows_differ(runs, tiny_pipel
         assert set(saved) == set(original), name
         for key, value in original.items():
             value, stored = np.asarray(value), np.asarray(saved[key])
+            assert stored.dtype == np.float32, "/".join(key)
             if key[-2:] == ("token_embedding", "embedding"):
                 assert stored.shape == (value.shape[0] + 2, value.shape[1])
                 stored = stored[: value.shape[0]]
