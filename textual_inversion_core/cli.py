@@ -122,7 +122,8 @@ def build_parser(prog=None, description=None):
         help="Run the frozen models in fp16 or bf16; the learned vectors stay fp32.")
     add("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
     add("--report_to", type=str, default="tensorboard",
-        help="Where to log: tensorboard, wandb, comet_ml, all or none.")
+        help="Where to log: tensorboard, wandb, comet_ml, all (the installed ones, as in Accelerate) or none. "
+             "Validation images go to each.")
     add("--validation_prompt", type=str, default=None,
         help="Prompt (use the placeholder token in it) to sample during training.")
     add("--num_validation_images", type=int, default=4)
