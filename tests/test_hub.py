@@ -145,6 +145,32 @@ def test_no_pushed_or_written_file_names_a_path_of_the_training_machine(pushed_r
                          if any(n.encode() in data for n in needles)} == {}
 
 
+def test_saved_pipeline_configs_record_the_hub_id_not_the_hub_cache(tmp_path, monkeypatch):
+    """A hub model is read from the Hub cache in the home folder; its saved configs name the hub id instead."""
+    import json
+
+    from textual_inversion_core import outputs
+
+    monkeypatch.chdir(tmp_path)
+    cache = "/home/someone/.cache/huggingface/hub/models--org--model/snapshots/0123abcd"
+    configs = {"model_index.json": {"_class_name": "StableDiffusionPipeline", "_name_or_path": "org/model",
+                                    "unet": ["diffusers", "UNet2DConditionModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                                    "safety_checker": [None, None]},
+               "unet/config.json": {"_name_or_path": cache + "/unet", "sample_size": 8},
+               "tokenizer/tokenizer_config.json": {"name_or_path": cache + "/tokenizer", "model_max_length": 77},
+               "notes/config.json": {"_name_or_path": cache}}  # not a part listed in model_index.json
+    for name, config in configs.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(json.dumps(config))
+    rewritten = outputs.replace_local_model_paths(str(tmp_path), "org/model")
+    assert sorted(os.path.relpath(p, tmp_path) for p in rewritten) == ["tokenizer/tokenizer_config.json",
+                                                                       "unet/config.json"]
+    assert json.loads((tmp_path / "unet" / "config.json").read_text()) == {"_name_or_path": "org/model",
+                                                                           "sample_size": 8}
+    assert json.loads((tmp_path / "tokenizer" / "tokenizer_config.json").read_text())["name_or_path"] == "org/model"
+    assert json.loads((tmp_path / "model_index.json").read_text())["_name_or_path"] == "org/model"
+
+
 def test_pushed_pickle_files_pass_the_webui_checks_and_load(pushed_run, tiny_pipeline):
     """What the trainer writes for the webui (and diffusers' .bin) passes the webui's safe-loader checks and reads
     back with weights_only=True as the vectors of the matching .safetensors; the .pt names the base model as the
