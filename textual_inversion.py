@@ -84,48 +84,60 @@ def main(argv=None):
     torch.manual_seed(seed)
 
     # ---- Load
-    tokenizer, noise_scheduler, text_encoder, vae, unet = tm.load_models(args)
-    run.check_prediction_type(noise_scheduler.config.prediction_type)
-    placeholder_ids, initializer_id = add_placeholder_tokens(
-        tokenizer, args.placeholder_token, args.num_vectors, args.initializer_token)
-    dataset.tokenize(tokenizer, placeholder_string(tokenizer, placeholder_ids))
+    models = tm.load_models(args)
+    run.check_prediction_type(models.noise_scheduler.config.prediction_type)
+    # The placeholder tokens go into every tokenizer (SDXL: both), with the same strings in every prompt.
+    added = [add_placeholder_tokens(tok, args.placeholder_token, args.num_vectors, args.initializer_token)
+             for tok in models.tokenizers]
+    prompt_ids = []
+    for tokenizer, (placeholder_ids, _) in zip(models.tokenizers, added):
+        dataset.tokenize(tokenizer, placeholder_string(tokenizer, placeholder_ids))
+        prompt_ids.append(torch.from_numpy(dataset.all_prompt_ids))
 
-    # ---- Prepare: freeze everything, then make the placeholder vectors the one trainable tensor.
+    # ---- Prepare: freeze everything, then make the placeholder vectors of each text encoder the trainable tensors.
+    vae, unet, text_encoders = models.vae, models.unet, models.text_encoders
     for module in (vae, unet):
         module.requires_grad_(False)
-    table = text_encoder.get_input_embeddings().weight.data
-    start = fit_init_vectors(args, inputs.init_vectors, table.shape[1])
-    if start is None:
-        start = table[initializer_id].float().repeat(args.num_vectors, 1).numpy()
-    vectors = tm.insert_placeholder_embedding(text_encoder, len(tokenizer), placeholder_ids, start).vectors
+    tables = [te.get_input_embeddings().weight.data for te in text_encoders]
+    starts = fit_init_vectors(args, inputs.init_vectors, [t.shape[1] for t in tables])
+    vector_sets = []
+    for text_encoder, tokenizer, table, (placeholder_ids, initializer_id), start in zip(
+            text_encoders, models.tokenizers, tables, added, starts):
+        if start is None:
+            start = table[initializer_id].float().repeat(args.num_vectors, 1).numpy()
+        vector_sets.append(tm.insert_placeholder_embedding(text_encoder, len(tokenizer), placeholder_ids, start).vectors)
+    del tables
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
     vae.to(device, dtype=torch.float32)  # fp32: its posterior is computed once per image and cached exactly
     unet.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
-    vectors.data = vectors.data.float()
+    for text_encoder in text_encoders:
+        text_encoder.to(device, dtype=weight_dtype)
+        text_encoder.eval()
+    for vectors in vector_sets:
+        vectors.data = vectors.data.float()
     unet.eval()
-    text_encoder.eval()
     if args.gradient_checkpointing:
         # Both only checkpoint in train mode; neither has dropout in SD configs, so outputs are the same.
-        text_encoder.gradient_checkpointing_enable()
-        text_encoder.train()
+        for text_encoder in text_encoders:
+            text_encoder.gradient_checkpointing_enable()
+            text_encoder.train()
         unet.enable_gradient_checkpointing()
         unet.train()
 
     plan = run.make_plan(args, len(dataset), accelerator.num_processes)
     lrs = lr_table(args.lr_scheduler, args.lr_warmup_steps, plan.max_train_steps, args.lr_num_cycles,
                    plan.learning_rate)
-    optimizer = torch.optim.AdamW([vectors], lr=plan.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = tm.make_optimizer(args, vector_sets, plan.learning_rate)
     optimizer = accelerator.prepare(optimizer)
-    resume = run.resume_point(args, inputs, vectors.shape[1], plan, logger)
-    if resume.vectors is not None:
+    resume = run.resume_point(args, inputs, [v.shape[1] for v in vector_sets], plan, logger)
+    if resume.vector_sets is not None:
         with torch.no_grad():
-            vectors.copy_(torch.from_numpy(resume.vectors))
-    if resume.adam is not None:
-        tm.load_adam_moments(optimizer, resume.adam, device)
+            for vectors, stored in zip(vector_sets, resume.vector_sets):
+                vectors.copy_(torch.from_numpy(stored))
+    if resume.adam_sets is not None:
+        tm.load_adam_moments(optimizer, resume.adam_sets, device)
     step = resume.step
 
     if accelerator.is_main_process and trackers:
@@ -133,10 +145,8 @@ def main(argv=None):
         accelerator.init_trackers("textual_inversion", config=config)
 
     latents = run.LatentCache(dataset, tm.encode_posteriors(vae, device), on_full=lambda: tm.free_vae_encoder(vae))
-    prompt_ids = torch.from_numpy(dataset.all_prompt_ids)
-    models = (text_encoder, unet, noise_scheduler, weight_dtype)
     latent_shape = run.latent_shape(args.resolution, vae.config)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
+    num_timesteps = models.noise_scheduler.config.num_train_timesteps
 
     def batch_for(step):
         batch = run.host_batch(plan, dataset, latents, seed, step, accelerator.process_index)
@@ -147,8 +157,12 @@ def main(argv=None):
         flag = torch.tensor([float(stop.requested)], device=device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0) if plan.num_devices > 1 else stop.requested
 
+    def host_sets():
+        return [v.detach().float().cpu().numpy() for v in vector_sets]
+
     def host_vectors():
-        return vectors.detach().float().cpu().numpy()
+        """The learned vectors as the output files take them: one array, or SDXL's {"clip_l", "clip_g"}."""
+        return run.output_vectors(host_sets())
 
     run.log_start(logger, plan, dataset, seed, f"processes = {plan.num_devices}")
     progress = tqdm(range(plan.max_train_steps), initial=step, desc="Steps", disable=not accelerator.is_local_main_process)
@@ -157,7 +171,7 @@ def main(argv=None):
     # ---- Loop
     with run.StopSignals() as stop:
         while step < plan.max_train_steps:
-            loss = tm.train_step(accelerator, models, optimizer, vectors, batch_for(step), lrs[step])
+            loss = tm.train_step(accelerator, models, optimizer, vector_sets, batch_for(step), lrs[step], weight_dtype)
             losses.add(step + 1, loss, lrs[step])
             step += 1
             progress.update(1)
@@ -166,19 +180,19 @@ def main(argv=None):
                 for logged_step, value, lr in losses.fetch(lambda values: torch.stack(values).tolist()):
                     accelerator.log({"loss": value, "lr": lr}, step=logged_step)
                 progress.set_postfix(loss=f"{losses.history[-1][1]:.4f}", lr=f"{lrs[step - 1]:.2e}")
-                run.check_finite_vectors(host_vectors(), step)
+                run.check_finite_vectors(host_sets(), step)
             if accelerator.is_main_process:
                 if actions.save_embeddings:
                     embeddings.write_diffusers(args.output_dir, args.placeholder_token, host_vectors(),
                                                safe_serialization=not args.no_safe_serialization,
                                                suffix=f"-steps-{step}")
                 if actions.save_checkpoint:
-                    tensors, state = run.checkpoint_payload(host_vectors(), tm.adam_moments(optimizer), seed, args,
-                                                            plan, "pytorch")
+                    tensors, state = run.checkpoint_payload(host_sets(), tm.adam_moments(optimizer, len(vector_sets)),
+                                                            seed, args, plan, "pytorch")
                     logger.info("saved %s", checkpoints.save_checkpoint(args.output_dir, step, tensors, state,
                                                                         args.checkpoints_total_limit))
                 if actions.validate:
-                    run_validation(args, accelerator, text_encoder, tokenizer, unet, vae, noise_scheduler, step)
+                    run_validation(args, accelerator, models, step)
             accelerator.wait_for_everyone()
             if actions.stop:
                 progress.close()
@@ -191,7 +205,8 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         outputs.finish_run(args, host_vectors(), step, losses.history, hub_repo_id,
-                           lambda: save_full_pipeline(args, args.output_dir, tokenizer, host_vectors(), placeholder_ids),
+                           lambda: save_full_pipeline(args, args.output_dir, models, host_vectors(),
+                                                      [ids for ids, _ in added]),
                            logger)
     accelerator.end_training()
     return 0

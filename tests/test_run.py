@@ -100,15 +100,17 @@ def test_resume_point_checks_the_checkpoint_against_the_run(caplog):
     logger = logging.getLogger("test")
     vectors = np.arange(8, dtype=np.float32).reshape(2, 4)
     state = {"seed": 1, "num_vectors": 2, "global_batch": 2, "step": 3, "optimizer_step": 3.0}
-    point = run.resume_point(args, _inputs(state, vectors, adam=True), 4, plan, logger)
-    assert point.step == 3 and np.array_equal(point.vectors, vectors)
-    assert point.adam.step == 3 and np.array_equal(point.adam.exp_avg_sq, np.full_like(vectors, 2.0))
+    point = run.resume_point(args, _inputs(state, vectors, adam=True), [4], plan, logger)
+    assert point.step == 3 and len(point.vector_sets) == 1 and np.array_equal(point.vector_sets[0], vectors)
+    assert point.adam_sets[0].step == 3 and np.array_equal(point.adam_sets[0].exp_avg_sq, np.full_like(vectors, 2.0))
     with pytest.raises(UserError, match="other --num_vectors or another model"):
-        run.resume_point(args, _inputs(state, vectors), 8, plan, logger)  # another text-encoder width
+        run.resume_point(args, _inputs(state, vectors), [8], plan, logger)  # another text-encoder width
     with pytest.raises(UserError, match="other --num_vectors"):
-        run.resume_point(args, _inputs(dict(state, num_vectors=1), vectors[:1]), 4, plan, logger)
+        run.resume_point(args, _inputs(dict(state, num_vectors=1), vectors[:1]), [4], plan, logger)
+    with pytest.raises(UserError, match=r"made for SD-1.x/2.x \(1 text encoder\), this model is SDXL \(2 text encoders\)"):
+        run.resume_point(args, _inputs(state, vectors), [4, 6], plan, logger)
     with caplog.at_level(logging.WARNING):
-        run.resume_point(args, _inputs(dict(state, global_batch=8), vectors), 4, plan, logger)
+        run.resume_point(args, _inputs(dict(state, global_batch=8), vectors), [4], plan, logger)
     assert "another global batch" in caplog.text
 
 
@@ -116,25 +118,34 @@ def test_latest_without_a_checkpoint_warns_in_both_trainers(caplog):
     """Shared since the loops were unified: the Flax trainer used to start a new run silently."""
     args = flags(resume_from_checkpoint="latest")
     with caplog.at_level(logging.WARNING):
-        point = run.resume_point(args, _inputs(), 4, run.make_plan(args, 8, 1), logging.getLogger("test"))
+        point = run.resume_point(args, _inputs(), [4], run.make_plan(args, 8, 1), logging.getLogger("test"))
     assert point == run.Resume()
     assert "no checkpoint in text-inversion-model yet, starting a new run" in caplog.text
 
 
-def test_checkpoint_payload_round_trips_through_resume_point():
+@pytest.mark.parametrize("widths", [[4], [4, 6]])
+def test_checkpoint_payload_round_trips_through_resume_point(widths):
     args = flags(num_vectors=2, seed=3)
     plan = run.make_plan(args, 8, 2)
-    vectors = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
-    adam = run.AdamMoments(vectors * 0.1, vectors**2, 5)
-    tensors, state = run.checkpoint_payload(vectors, adam, 3, args, plan, "flax")
-    assert sorted(tensors) == ["exp_avg", "exp_avg_sq", "vectors"]
+    rng = np.random.default_rng(0)
+    vector_sets = [rng.standard_normal((2, w)).astype(np.float32) for w in widths]
+    adam_sets = [run.AdamMoments(v * 0.1, v**2, 5) for v in vector_sets]
+    tensors, state = run.checkpoint_payload(vector_sets, adam_sets, 3, args, plan, "flax")
+    expected = ["exp_avg", "exp_avg_sq", "vectors"]
+    if len(widths) == 2:  # SDXL: text_encoder_2's set under the _2 names
+        expected += ["exp_avg_2", "exp_avg_sq_2", "vectors_2"]
+    assert sorted(tensors) == sorted(expected)
     assert state["global_batch"] == plan.global_batch and state["optimizer_step"] == 5.0
-    point = run.resume_point(args, _inputs(dict(state, step=5), tensors["vectors"], adam=False)._replace(
-        resume_tensors=tensors), 4, plan, logging.getLogger("test"))
-    assert point.step == 5 and point.adam.step == 5
-    assert np.array_equal(point.adam.exp_avg, adam.exp_avg) and np.array_equal(point.adam.exp_avg_sq, adam.exp_avg_sq)
-    fresh, fresh_state = run.checkpoint_payload(vectors, None, 3, args, plan, "pytorch")
-    assert sorted(fresh) == ["vectors"] and fresh_state["optimizer_step"] == 0.0
+    assert state["text_encoders"] == len(widths)
+    inputs = RunInputs(None, "out/checkpoint-5", tensors, dict(state, step=5), None)
+    point = run.resume_point(args, inputs, widths, plan, logging.getLogger("test"))
+    assert point.step == 5
+    for got, want, got_adam, want_adam in zip(point.vector_sets, vector_sets, point.adam_sets, adam_sets):
+        assert np.array_equal(got, want) and got_adam.step == 5
+        assert np.array_equal(got_adam.exp_avg, want_adam.exp_avg)
+        assert np.array_equal(got_adam.exp_avg_sq, want_adam.exp_avg_sq)
+    fresh, fresh_state = run.checkpoint_payload(vector_sets, None, 3, args, plan, "pytorch")
+    assert sorted(fresh) == sorted(k for k in expected if k.startswith("vectors")) and fresh_state["optimizer_step"] == 0.0
 
 
 def test_stop_signals_are_caught_then_the_previous_handlers_come_back():
@@ -174,8 +185,8 @@ def test_loss_log_fetches_pending_losses_together_and_stops_on_the_first_non_fin
         log.fetch(to_host)
     assert log.history == [(1, 0.5), (2, 0.25)]
     with pytest.raises(UserError, match="learned vectors became non-finite by step 4"):
-        run.check_finite_vectors(np.array([[1.0, np.inf]]), 4)
-    run.check_finite_vectors(np.zeros((2, 3)), 4)
+        run.check_finite_vectors([np.zeros((1, 2)), np.array([[1.0, np.inf]])], 4)  # any set
+    run.check_finite_vectors([np.zeros((2, 3))], 4)
 
 
 def test_latent_cache_encodes_each_image_and_flip_once_then_frees_the_encoder():

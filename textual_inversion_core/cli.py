@@ -102,6 +102,8 @@ def build_parser(prog=None, description=None):
     add("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
     add("--dataloader_num_workers", type=int, default=0,
         help="Threads that decode and resize the training images (0: the main thread).")
+    add("--use_8bit_adam", action="store_true",
+        help="(diffusers' SDXL script) bitsandbytes' AdamW8bit for the vectors; needs bitsandbytes and a CUDA GPU.")
     add("--adam_beta1", type=float, default=0.9)
     add("--adam_beta2", type=float, default=0.999)
     add("--adam_weight_decay", type=float, default=1e-2)

@@ -5,7 +5,8 @@ import shutil
 
 
 def add_text_model_prefix(folder):
-    """Rewrite a CLIPTextModel's model.safetensors so every key starts with `text_model.`.
+    """Rewrite a CLIPTextModel's model.safetensors so every key starts with `text_model.` (but SDXL's
+    `text_projection.`).
 
     transformers 5 saves CLIPTextModel without that prefix; transformers 4.x (and its Flax
     from_pt conversion) then silently keeps random weights. Both versions load the prefixed layout.
@@ -16,9 +17,11 @@ def add_text_model_prefix(folder):
     if not os.path.isfile(path):
         return
     state = load_file(path)
-    if all(k.startswith("text_model.") for k in state):
+    # SDXL's CLIPTextModelWithProjection keeps its projection beside text_model: that key takes no prefix.
+    outside = ("text_model.", "text_projection.")
+    if all(k.startswith(outside) for k in state):
         return
-    renamed = {(k if k.startswith("text_model.") else "text_model." + k): v.contiguous() for k, v in state.items()}
+    renamed = {(k if k.startswith(outside) else "text_model." + k): v.contiguous() for k, v in state.items()}
     tmp = path + ".tmp"
     save_file(renamed, tmp, metadata={"format": "pt"})
     os.replace(tmp, path)

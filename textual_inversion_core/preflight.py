@@ -48,12 +48,18 @@ def load_run_inputs(args):
     return RunInputs(dataset, resume_path, resume_tensors, resume_state, init_vectors)
 
 
-def fit_init_vectors(args, init_vectors, dim):
-    """--init_from vectors at the text encoder's width: SDXL files hold clip_l and clip_g, take the matching one."""
-    if init_vectors is None or init_vectors.shape[1] == dim:
-        return init_vectors
-    try:
-        _, init_vectors = embeddings.read_embedding(args.init_from, expected_dim=dim)
-    except UserError as err:
-        raise UserError(f"--init_from: {err}") from None
-    return init_vectors
+def fit_init_vectors(args, init_vectors, dims):
+    """--init_from vectors for each text encoder, at its width (dims: one width per encoder). SDXL files hold
+    clip_l and clip_g: each encoder takes the part of its width. Returns one array (or None) per encoder."""
+    if init_vectors is None:
+        return [None] * len(dims)
+    if len(dims) == 1 and init_vectors.shape[1] == dims[0]:
+        return [init_vectors]
+    fitted = []
+    for dim in dims:
+        try:
+            _, vectors = embeddings.read_embedding(args.init_from, expected_dim=dim)
+        except UserError as err:
+            raise UserError(f"--init_from: {err}") from None
+        fitted.append(vectors)
+    return fitted

@@ -121,47 +121,68 @@ class AdamMoments:
     step: int
 
 
-def checkpoint_payload(vectors, adam, seed, args, plan, framework):
-    """(tensors, state) of a checkpoint: the vectors, AdamW's moments (None before the first update) and
-    what resuming must match."""
-    tensors = {"vectors": np.asarray(vectors, np.float32)}
-    if adam is not None and adam.step:
-        tensors["exp_avg"] = np.asarray(adam.exp_avg, np.float32)
-        tensors["exp_avg_sq"] = np.asarray(adam.exp_avg_sq, np.float32)
+def set_suffix(index):
+    """Tensor-name suffix of the vector set of text encoder `index`: "" (text_encoder), "_2" (text_encoder_2)."""
+    return "" if index == 0 else f"_{index + 1}"
+
+
+def checkpoint_payload(vector_sets, adam_sets, seed, args, plan, framework):
+    """(tensors, state) of a checkpoint: one vector set per text encoder (SD-1.x/2.x: one, SDXL: two), their
+    AdamW moments (None before the first update) and what resuming must match. Set i is stored as vectors{s},
+    exp_avg{s}, exp_avg_sq{s} with s = set_suffix(i), so SD-1.x checkpoints keep their names."""
+    tensors = {}
+    for i, vectors in enumerate(vector_sets):
+        tensors["vectors" + set_suffix(i)] = np.asarray(vectors, np.float32)
+    step = adam_sets[0].step if adam_sets else 0
+    if step:
+        for i, adam in enumerate(adam_sets):
+            tensors["exp_avg" + set_suffix(i)] = np.asarray(adam.exp_avg, np.float32)
+            tensors["exp_avg_sq" + set_suffix(i)] = np.asarray(adam.exp_avg_sq, np.float32)
     state = {"seed": int(seed), "num_vectors": args.num_vectors, "placeholder_token": args.placeholder_token,
-             "global_batch": plan.global_batch, "framework": framework,
-             "optimizer_step": float(adam.step) if adam is not None else 0.0, "learning_rate": plan.learning_rate}
+             "global_batch": plan.global_batch, "framework": framework, "text_encoders": len(vector_sets),
+             "optimizer_step": float(step), "learning_rate": plan.learning_rate}
     return tensors, state
 
 
 @dataclasses.dataclass(frozen=True)
 class Resume:
-    """Where a resumed run starts: its step, vectors and AdamW moments (None: a new run)."""
+    """Where a resumed run starts: its step, vector sets and AdamW moments (None: a new run)."""
 
     step: int = 0
-    vectors: np.ndarray = None
-    adam: AdamMoments = None
+    vector_sets: list = None
+    adam_sets: list = None
 
 
-def resume_point(args, inputs, dim, plan, logger):
-    """Check the checkpoint found by --resume_from_checkpoint against this run; return where to start."""
+def describe_encoders(count):
+    return "SDXL (2 text encoders)" if count == 2 else "SD-1.x/2.x (1 text encoder)" if count == 1 else f"{count} text encoders"
+
+
+def resume_point(args, inputs, dims, plan, logger):
+    """Check the checkpoint found by --resume_from_checkpoint against this run (dims: the width of each text
+    encoder's vectors); return where to start."""
     if inputs.resume_state is None:
         if args.resume_from_checkpoint:
             logger.warning("--resume_from_checkpoint %s: no checkpoint in %s yet, starting a new run",
                            args.resume_from_checkpoint, args.output_dir)
         return Resume()
     state, tensors = inputs.resume_state, inputs.resume_tensors
-    if state.get("num_vectors") != args.num_vectors or tensors["vectors"].shape[1] != dim:
+    stored = [tensors[k] for k in ("vectors" + set_suffix(i) for i in range(len(tensors))) if k in tensors]
+    if len(stored) != len(dims):
+        raise UserError(f"checkpoint {inputs.resume_path!r} was made for {describe_encoders(len(stored))}, this model is "
+                        f"{describe_encoders(len(dims))}; resume on the model it was trained with or start a new --output_dir")
+    if state.get("num_vectors") != args.num_vectors or [v.shape[1] for v in stored] != list(dims):
         raise UserError(f"checkpoint {inputs.resume_path!r} was made with other --num_vectors or another model; "
                         "resume with the original settings or start a new --output_dir")
     if state.get("global_batch") != plan.global_batch:
         logger.warning("the checkpoint was trained with another global batch; the resumed run will not "
                        "match an uninterrupted one")
-    adam = None
+    adam_sets = None
     if "exp_avg" in tensors:
-        adam = AdamMoments(tensors["exp_avg"], tensors["exp_avg_sq"], int(state["optimizer_step"]))
+        step = int(state["optimizer_step"])
+        adam_sets = [AdamMoments(tensors["exp_avg" + set_suffix(i)], tensors["exp_avg_sq" + set_suffix(i)], step)
+                     for i in range(len(dims))]
     logger.info("resumed from %s at step %d", inputs.resume_path, int(state["step"]))
-    return Resume(int(state["step"]), np.asarray(tensors["vectors"], np.float32), adam)
+    return Resume(int(state["step"]), [np.asarray(v, np.float32) for v in stored], adam_sets)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,8 +249,8 @@ def check_finite_loss(value, step):
                         "The last saved embedding and checkpoint are untouched")
 
 
-def check_finite_vectors(vectors, step):
-    if not np.isfinite(np.asarray(vectors)).all():
+def check_finite_vectors(vector_sets, step):
+    if not all(np.isfinite(np.asarray(v)).all() for v in vector_sets):
         raise UserError(f"the learned vectors became non-finite by step {step}; lower --learning_rate. "
                         "The last saved embedding and checkpoint are untouched")
 
@@ -301,3 +322,11 @@ def host_batch(plan, dataset, latents, seed, step, first_device, num_local_devic
         fields["noise_seed"].append(np.array([example_seed(seed, i, STREAM_NOISE) for i in indices], np.uint64))
         fields["prompt"].append(np.array([prompt for _, _, prompt in examples], np.int64))
     return {name: np.stack(values) for name, values in fields.items()}
+
+
+def output_vectors(vector_sets):
+    """What the embedding writers take: the one array of an SD-1.x/2.x run, or SDXL's two sets named as the
+    webui/ComfyUI SDXL files name them, {"clip_l": text_encoder's, "clip_g": text_encoder_2's}."""
+    if len(vector_sets) == 1:
+        return np.asarray(vector_sets[0], np.float32)
+    return {"clip_l": np.asarray(vector_sets[0], np.float32), "clip_g": np.asarray(vector_sets[1], np.float32)}

@@ -43,8 +43,33 @@ class PlaceholderEmbedding(nn.Module):
         return torch.where(match.any(-1, keepdim=True), picked.to(out.dtype), out)
 
 
+# The two model families: SD-1.x/2.x (one CLIP text encoder) and SDXL (CLIP-L plus OpenCLIP bigG with projection).
+TEXT_ENCODER_FOLDERS = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+TOKENIZER_FOLDERS = {"sd": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
+
+
+def model_family(args):
+    """"sdxl" when the pipeline has a second text encoder (model_index.json names text_encoder_2), else "sd"."""
+    from diffusers import DiffusionPipeline
+
+    model = args.pretrained_model_name_or_path
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
+        return "sdxl" if os.path.isdir(os.path.join(model, "text_encoder_2")) else "sd"
+    config = DiffusionPipeline.load_config(model, revision=args.revision)
+    return "sdxl" if config.get("text_encoder_2", [None])[0] else "sd"
+
+
+class Models:
+    """What training reads: the family, its tokenizers and text encoders (one or two), the VAE, the UNet and
+    the noise scheduler."""
+
+    def __init__(self, family, tokenizers, text_encoders, vae, unet, noise_scheduler):
+        self.family, self.tokenizers, self.text_encoders = family, tokenizers, text_encoders
+        self.vae, self.unet, self.noise_scheduler = vae, unet, noise_scheduler
+
+
 def load_models(args):
-    """(tokenizer, noise_scheduler, text_encoder, vae, unet) of --pretrained_model_name_or_path."""
+    """The models of --pretrained_model_name_or_path (an SD-1.x/2.x or an SDXL pipeline)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
@@ -55,33 +80,39 @@ def load_models(args):
                         "(no model_index.json or unet/); point it at the folder that holds unet/, vae/, text_encoder/")
     common = dict(revision=args.revision)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name or model,
-                                                  subfolder=None if args.tokenizer_name else "tokenizer", **common)
+        family = model_family(args)
+        tokenizers = []
+        for i, folder in enumerate(TOKENIZER_FOLDERS[family]):
+            if args.tokenizer_name and i == 0:  # --tokenizer_name replaces the first tokenizer, as in diffusers
+                tokenizers.append(CLIPTokenizer.from_pretrained(args.tokenizer_name, **common))
+            else:
+                tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder=folder, **common))
         noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **common)
-        text_encoder = load_text_encoder(args)
+        text_encoders = [load_text_encoder(args, folder) for folder in TEXT_ENCODER_FOLDERS[family]]
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", variant=args.variant, **common)
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", variant=args.variant, **common)
     except (OSError, ValueError, EnvironmentError) as err:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the model {model!r} ({first}); check the path or hub id, --revision and --variant") from err
-    return tokenizer, noise_scheduler, text_encoder, vae, unet
+    return Models(family, tokenizers, text_encoders, vae, unet, noise_scheduler)
 
 
-def load_text_encoder(args):
-    """The model's CLIP text encoder in fp32, checked to hold its own weights."""
-    from transformers import CLIPTextModel
+def load_text_encoder(args, folder="text_encoder"):
+    """A text encoder of the model (CLIPTextModel, or for SDXL's text_encoder_2 CLIPTextModelWithProjection),
+    checked to hold its own weights."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     model = args.pretrained_model_name_or_path
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", variant=args.variant,
-                                                 revision=args.revision)
+    cls = CLIPTextModelWithProjection if folder == "text_encoder_2" else CLIPTextModel
+    text_encoder = cls.from_pretrained(model, subfolder=folder, variant=args.variant, revision=args.revision)
     if os.path.isdir(model):
-        verify_text_encoder_loaded(text_encoder, model)
+        verify_text_encoder_loaded(text_encoder, model, folder)
     return text_encoder
 
 
-def verify_text_encoder_loaded(text_encoder, model_path):
+def verify_text_encoder_loaded(text_encoder, model_path, subfolder="text_encoder"):
     """Guard against the transformers-4/5 key-prefix trap: the loaded embedding must be the file's."""
-    folder = os.path.join(model_path, "text_encoder")
+    folder = os.path.join(model_path, subfolder)
     files = [f for f in os.listdir(folder) if f.endswith(".safetensors")] if os.path.isdir(folder) else []
     if len(files) != 1:
         return
@@ -115,11 +146,30 @@ def insert_placeholder_embedding(text_encoder, num_tokens, placeholder_ids, star
 
 
 def denoising_loss(text_encoder, unet, noise_scheduler, latents, noise, timesteps, input_ids, weight_dtype):
-    """The Textual Inversion objective: MSE between the UNet's prediction and the scheduler's target
-    (the noise for epsilon models, the velocity for v_prediction models), computed in fp32."""
-    encoder_hidden_states = text_encoder(input_ids)[0].to(dtype=weight_dtype)
+    """The Textual Inversion objective of an SD-1.x/2.x model (one text encoder, its last hidden state)."""
+    encoder_hidden_states = text_encoder(input_ids)[0]
+    return prediction_loss(unet, noise_scheduler, latents, noise, timesteps, encoder_hidden_states, None, weight_dtype)
+
+
+def sdxl_conditioning(text_encoders, input_ids, time_ids):
+    """SDXL's UNet inputs from the prompt: both encoders' penultimate hidden states side by side, and
+    text_encoder_2's pooled projection with the micro-conditioning time_ids (original size, crop
+    top-left, target size), as SDXL was trained."""
+    first = text_encoders[0](input_ids[0], output_hidden_states=True)
+    second = text_encoders[1](input_ids[1], output_hidden_states=True)
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    return hidden, {"text_embeds": second.text_embeds, "time_ids": time_ids}
+
+
+def prediction_loss(unet, noise_scheduler, latents, noise, timesteps, encoder_hidden_states, added_cond_kwargs,
+                    weight_dtype):
+    """MSE between the UNet's prediction and the scheduler's target (the noise for epsilon models, the
+    velocity for v_prediction models), computed in fp32."""
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps).to(dtype=weight_dtype)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    if added_cond_kwargs is not None:
+        added_cond_kwargs = {k: v.to(dtype=weight_dtype) for k, v in added_cond_kwargs.items()}
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states.to(dtype=weight_dtype),
+                      added_cond_kwargs=added_cond_kwargs).sample
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
@@ -127,8 +177,19 @@ def denoising_loss(text_encoder, unet, noise_scheduler, latents, noise, timestep
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
 
+def batch_loss(models, batch, weight_dtype):
+    """The loss of one device micro-batch (see device_batch) for either family."""
+    latents, noise, timesteps, ids, time_ids = batch
+    if models.family == "sdxl":
+        hidden, added = sdxl_conditioning(models.text_encoders, ids, time_ids)
+    else:
+        hidden, added = models.text_encoders[0](ids[0])[0], None
+    return prediction_loss(models.unet, models.noise_scheduler, latents, noise, timesteps, hidden, added, weight_dtype)
+
+
 def device_batch(batch, micro, prompt_ids, latent_shape, num_timesteps, scaling_factor, device):
-    """Micro-batch `micro` of a core host_batch as tensors: (latents, noise, timesteps, input_ids).
+    """Micro-batch `micro` of a core host_batch as tensors: (latents, noise, timesteps, input_ids per
+    tokenizer, SDXL time_ids or None). prompt_ids: one [num_prompts, 77] tensor per tokenizer.
 
     Each example's posterior sample, noise and timestep come from its own generator (seeded by its
     global index), so they do not depend on how examples are split over processes."""
@@ -138,47 +199,75 @@ def device_batch(batch, micro, prompt_ids, latent_shape, num_timesteps, scaling_
     timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in draws])
     mean, std = torch.from_numpy(batch["mean"][micro]), torch.from_numpy(batch["std"][micro])
     latents = (mean + std * eps) * scaling_factor
-    ids = prompt_ids[torch.from_numpy(batch["prompt"][micro])]
-    return latents.to(device), noise.to(device), timesteps.to(device), ids.to(device)
+    rows = torch.from_numpy(batch["prompt"][micro])
+    ids = [table[rows].to(device) for table in prompt_ids]
+    time_ids = torch.from_numpy(batch["time_ids"][micro]).to(device) if len(prompt_ids) > 1 else None
+    return latents.to(device), noise.to(device), timesteps.to(device), ids, time_ids
 
 
-def train_step(accelerator, models, optimizer, vectors, micro_batches, lr):
-    """One optimizer step of the vectors over the micro-batches; returns the mean loss, left on the device.
+def train_step(accelerator, models, optimizer, vector_sets, micro_batches, lr, weight_dtype):
+    """One optimizer step of the vector sets over the micro-batches; returns the mean loss, left on the device.
 
-    models: (text_encoder, unet, noise_scheduler, weight_dtype). Gradients are averaged over the
-    micro-batches, then over processes, so N processes x B equal one process x N*B."""
+    Gradients are averaged over the micro-batches, then over processes, so N processes x B equal one
+    process x N*B."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     count = len(micro_batches)
-    step_loss = torch.zeros((), device=vectors.device)
-    for latents, noise, timesteps, ids in micro_batches:
+    step_loss = torch.zeros((), device=vector_sets[0].device)
+    for batch in micro_batches:
         with accelerator.autocast():
-            loss = denoising_loss(*models[:3], latents, noise, timesteps, ids, models[3])
+            loss = batch_loss(models, batch, weight_dtype)
         accelerator.backward(loss / count)
         step_loss += loss.detach() / count
     if accelerator.num_processes > 1:
-        torch.distributed.all_reduce(vectors.grad)
-        vectors.grad /= accelerator.num_processes
+        for vectors in vector_sets:
+            torch.distributed.all_reduce(vectors.grad)
+            vectors.grad /= accelerator.num_processes
         step_loss = accelerator.reduce(step_loss, reduction="mean")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss
 
 
-def adam_moments(optimizer):
-    """AdamW's state of the vectors (None before the first step)."""
-    state = optimizer.state_dict()["state"].get(0)
-    if not state:
+def make_optimizer(args, vector_sets, learning_rate):
+    """AdamW over the vector sets; --use_8bit_adam takes bitsandbytes' AdamW8bit where it works (CUDA).
+
+    bitsandbytes keeps 32-bit state for tensors under 4096 values, which covers up to 5 CLIP-L vectors, so
+    the flag saves next to nothing here; it is accepted so diffusers' SDXL command lines run unchanged."""
+    options = dict(lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                   eps=args.adam_epsilon)
+    if not args.use_8bit_adam:
+        return torch.optim.AdamW(vector_sets, **options)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise UserError("--use_8bit_adam needs bitsandbytes; pip install bitsandbytes (CUDA) or drop the flag "
+                        "(the learned vectors are a few thousand numbers: plain AdamW costs kilobytes)") from err
+    if not torch.cuda.is_available():
+        raise UserError("--use_8bit_adam needs a CUDA GPU for bitsandbytes' AdamW8bit; drop the flag on this machine")
+    return bnb.optim.AdamW8bit(vector_sets, **options)
+
+
+def _moment(state, torch_name, bnb_name):
+    return state[torch_name] if torch_name in state else state[bnb_name]  # AdamW / bitsandbytes' 32-bit state
+
+
+def adam_moments(optimizer, count):
+    """AdamW's state of each of the `count` vector sets (None before the first step)."""
+    states = optimizer.state_dict()["state"]
+    if not states.get(0):
         return None
-    return AdamMoments(state["exp_avg"].float().cpu().numpy(), state["exp_avg_sq"].float().cpu().numpy(),
-                       int(float(state["step"])))
+    return [AdamMoments(_moment(states[i], "exp_avg", "state1").float().cpu().numpy(),
+                        _moment(states[i], "exp_avg_sq", "state2").float().cpu().numpy(),
+                        int(float(states[i]["step"]))) for i in range(count)]
 
 
-def load_adam_moments(optimizer, adam, device):
+def load_adam_moments(optimizer, adam_sets, device):
     state = optimizer.state_dict()
-    state["state"] = {0: {"step": torch.tensor(float(adam.step)),
+    state["state"] = {i: {"step": torch.tensor(float(adam.step)),
                           "exp_avg": torch.from_numpy(np.asarray(adam.exp_avg)).to(device),
-                          "exp_avg_sq": torch.from_numpy(np.asarray(adam.exp_avg_sq)).to(device)}}
+                          "exp_avg_sq": torch.from_numpy(np.asarray(adam.exp_avg_sq)).to(device)}
+                      for i, adam in enumerate(adam_sets)}
     optimizer.load_state_dict(state)
 
 
