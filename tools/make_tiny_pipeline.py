@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Write a complete StableDiffusionPipeline folder with random weights, offline.
+"""Write a complete StableDiffusionPipeline (or StableDiffusionXLPipeline) folder with random weights, offline.
 
-    python tools/make_tiny_pipeline.py OUT_DIR [--size tiny|sd15] [--seed 0]
+    python tools/make_tiny_pipeline.py OUT_DIR [--size tiny|sd15|tiny-sdxl] [--seed 0]
 
 `tiny` is about the size of diffusers' own test pipeline (trains at 64 px in well under a second a
-step on a CPU); `sd15` has the public Stable Diffusion 1.5 architecture (for benchmarks). Both use
-the real CLIP BPE vocabulary (49408 tokens) read from the `clip-anytorch` or `open_clip_torch` wheel,
-so token ids match the real models. The text encoder is saved with the `text_model.` key prefix,
-which both transformers 4.x and 5.x load (5.x itself would drop the prefix, which 4.x misreads).
+step on a CPU); `sd15` has the public Stable Diffusion 1.5 architecture (for benchmarks); `tiny-sdxl`
+is a tiny SDXL pipeline whose two text encoders have different widths (32 and 48), so code that mixes
+up CLIP-L and OpenCLIP-bigG fails on it. All use the real CLIP BPE vocabulary (49408 tokens) read from
+the `clip-anytorch` or `open_clip_torch` wheel, so token ids match the real models. CLIPTextModel is
+saved with the `text_model.` key prefix, which both transformers 4.x and 5.x load (5.x itself would
+drop the prefix, which 4.x misreads); CLIPTextModelWithProjection keeps it in both versions.
 """
 
 import argparse
@@ -91,7 +93,39 @@ def configs(size):
     return unet, vae, text
 
 
+# tiny-sdxl: SDXL's layout at test size. The two encoders' widths differ (and differ from every other
+# size here) so that a clip_l/clip_g mix-up is a shape error, not a silent swap.
+SDXL_TEXT_WIDTH = 32  # text_encoder (CLIP-L's place, 768 in SDXL)
+SDXL_TEXT_2_WIDTH = 48  # text_encoder_2 (OpenCLIP bigG's place, 1280 in SDXL); also its projection_dim
+SDXL_TIME_EMBED_DIM = 8
+SDXL_PAD_TOKEN_2 = "!"  # stabilityai/stable-diffusion-xl-base-1.0's tokenizer_2 pads with "!" (id 0)
+
+
+def sdxl_configs():
+    """(unet, vae, text_encoder, text_encoder_2) configs of the tiny SDXL pipeline."""
+    # SDXL's UNet adds the pooled text_encoder_2 output and 6 size/crop numbers (each embedded to
+    # addition_time_embed_dim) to the time embedding; cross-attention sees both encoders side by side.
+    unet = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+                cross_attention_dim=SDXL_TEXT_WIDTH + SDXL_TEXT_2_WIDTH,
+                addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+                projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + SDXL_TEXT_2_WIDTH)
+    vae = dict(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+               down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+               latent_channels=4, sample_size=64, scaling_factor=0.13025, force_upcast=True)
+    ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    text = dict(hidden_size=SDXL_TEXT_WIDTH, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+                hidden_act="quick_gelu", projection_dim=SDXL_TEXT_WIDTH, pad_token_id=49407, **ids)
+    text_2 = dict(hidden_size=SDXL_TEXT_2_WIDTH, intermediate_size=53, num_attention_heads=4, num_hidden_layers=5,
+                  hidden_act="gelu", projection_dim=SDXL_TEXT_2_WIDTH, pad_token_id=0, **ids)
+    return unet, vae, text, text_2
+
+
 def make_pipeline(out_dir, size="tiny", seed=0):
+    if size == "tiny-sdxl":
+        return make_sdxl_pipeline(out_dir, seed)
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -118,21 +152,53 @@ def make_pipeline(out_dir, size="tiny", seed=0):
     return out_dir
 
 
-def save_pipeline_folder(pipe, tokenizer_dir, out_dir, extra_files=None):
+def make_sdxl_pipeline(out_dir, seed=0):
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    unet_cfg, vae_cfg, text_cfg, text_2_cfg = sdxl_configs()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_cfg)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**vae_cfg)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_2_cfg))
+    # The scheduler settings of stabilityai/stable-diffusion-xl-base-1.0.
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                       interpolation_type="linear", use_karras_sigmas=False, prediction_type="epsilon")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer_files(tmp, find_clip_vocab())
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tmp, model_max_length=77, pad_token=SDXL_PAD_TOKEN_2)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
+        save_pipeline_folder(pipe, tmp, out_dir, tokenizer_folders=("tokenizer", "tokenizer_2"))
+    return out_dir
+
+
+def save_pipeline_folder(pipe, tokenizer_dir, out_dir, extra_files=None, tokenizer_folders=("tokenizer",)):
     """Save pipe as a folder both transformers 4.x and 5.x load, replacing out_dir's pipeline.
 
     Written to a staging folder beside out_dir first; model_index.json is moved in last, so a crash
     never leaves something that looks like a complete pipeline. tokenizer_dir holds vocab.json and
-    merges.txt (transformers 5 writes only tokenizer.json, which 4.x cannot read); extra_files maps
-    file names to text written at the top of the folder.
+    merges.txt (transformers 5 writes only tokenizer.json, which 4.x cannot read), copied into each of
+    tokenizer_folders; extra_files maps file names to text written at the top of the folder.
     """
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tmp-pipeline-", dir=parent)
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(staging, "tokenizer", name))
+        for folder in tokenizer_folders:
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(staging, folder, name))
+        # Only CLIPTextModel loses the prefix; text_encoder_2 (WithProjection) keeps it and must not be touched.
         add_text_model_prefix(os.path.join(staging, "text_encoder"))
         for name, text in (extra_files or {}).items():
             with open(os.path.join(staging, name), "w") as f:
@@ -145,7 +211,7 @@ def save_pipeline_folder(pipe, tokenizer_dir, out_dir, extra_files=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "sd15", "tiny-sdxl"], default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     make_pipeline(args.out_dir, args.size, args.seed)
