@@ -24,7 +24,7 @@ from textual_inversion_core.cli import parse_args, public_config
 from textual_inversion_core.errors import UserError, run_cli
 from textual_inversion_core.preflight import fit_init_vectors, load_run_inputs
 from textual_inversion_core.schedules import lr_table
-from textual_inversion_core.tokens import add_placeholder_tokens, placeholder_string
+from textual_inversion_core.tokens import add_placeholder_tokens, initializer_vectors, placeholder_string
 from textual_inversion_core.trackers import select_trackers
 
 logger = logging.getLogger("textual_inversion")
@@ -101,10 +101,10 @@ def main(argv=None):
     tables = [te.get_input_embeddings().weight.data for te in text_encoders]
     starts = fit_init_vectors(args, inputs.init_vectors, [t.shape[1] for t in tables])
     vector_sets = []
-    for text_encoder, tokenizer, table, (placeholder_ids, initializer_id), start in zip(
+    for text_encoder, tokenizer, table, (placeholder_ids, initializer_ids), start in zip(
             text_encoders, models.tokenizers, tables, added, starts):
-        if start is None:
-            start = table[initializer_id].float().repeat(args.num_vectors, 1).numpy()
+        if start is None:  # the initializer word's embedding, or a phrase's (tokens.initializer_rows)
+            start = initializer_vectors(table.float().numpy(), initializer_ids, args.num_vectors)
         vector_sets.append(tm.insert_placeholder_embedding(text_encoder, len(tokenizer), placeholder_ids, start).vectors)
     del tables
 

@@ -241,13 +241,13 @@ def test_add_placeholder_tokens_with_the_real_clip_vocabulary(tiny_pipeline):
     tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
     size = len(tokenizer)
     ids, initializer = add_placeholder_tokens(tokenizer, "<cat-toy>", 3, "toy")
-    assert ids == [size, size + 1, size + 2] and initializer == tokenizer.encode("toy", add_special_tokens=False)[0]
+    assert ids == [size, size + 1, size + 2] and initializer == tokenizer.encode("toy", add_special_tokens=False)
     assert placeholder_string(tokenizer, ids) == "<cat-toy> <cat-toy>_1 <cat-toy>_2"
     with pytest.raises(UserError, match="already in the tokenizer's vocabulary"):
         add_placeholder_tokens(tokenizer, "<cat-toy>", 1, "toy")
     fresh = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
     with pytest.raises(UserError, match="already in the tokenizer's vocabulary"):
         add_placeholder_tokens(fresh, "cat", 1, "toy")
-    with pytest.raises(UserError, match="must be a single token"):
-        add_placeholder_tokens(fresh, "<new>", 1, "toy car")
+    with pytest.raises(UserError, match="its word 'toyotacorollahatchback' is 6 tokens .* must be a single token"):
+        add_placeholder_tokens(fresh, "<new>", 1, "toy toyotacorollahatchback")
     assert len(fresh) == size  # nothing added by a refused call

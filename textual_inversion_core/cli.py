@@ -47,7 +47,10 @@ def build_parser(prog=None, description=None):
     add("--placeholder_token", type=str, default=None, required=True,
         help="The new token that will stand for the concept, e.g. <cat-toy>.")
     add("--initializer_token", type=str, default=None, required=True,
-        help="An existing single-token word whose embedding initialises the new vectors, e.g. toy.")
+        help="An existing word whose embedding initialises the new vectors, e.g. toy; or a phrase of such words, "
+             "e.g. 'red toy car' (kohya's --init_word, A1111's initialization text): with at least as many "
+             "--num_vectors as words each word fills an equal share of the vectors in order, with fewer each "
+             "vector is the mean of a consecutive part of the phrase.")
     add("--learnable_property", type=str, default="object", choices=["object", "style"],
         help="Learn an object (prompts 'a photo of a X') or a style (prompts 'a painting in the style of X').")
     add("--repeats", type=int, default=100, help="How many times the image set is repeated in one epoch.")

@@ -26,7 +26,7 @@ def test_flax_loss_and_gradient_equal_pytorch(tiny_pipeline, prediction_type):
 
     # PyTorch side, exactly as textual_inversion.py prepares it.
     tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
-    placeholder_ids, initializer_id = add_placeholder_tokens(tokenizer, "<cat-toy>", num_vectors, "toy")
+    placeholder_ids, (initializer_id,) = add_placeholder_tokens(tokenizer, "<cat-toy>", num_vectors, "toy")
     text_encoder = CLIPTextModel.from_pretrained(tiny_pipeline, subfolder="text_encoder").eval()
     unet = UNet2DConditionModel.from_pretrained(tiny_pipeline, subfolder="unet").eval()
     from torch_backend import model as torch_model
