@@ -29,7 +29,7 @@ from textual_inversion_core.cli import parse_args
 from textual_inversion_core.errors import UserError, run_cli
 from textual_inversion_core.preflight import fit_init_vectors, load_run_inputs
 from textual_inversion_core.schedules import lr_table
-from textual_inversion_core.tokens import add_placeholder_tokens, placeholder_string
+from textual_inversion_core.tokens import add_placeholder_tokens, initializer_vectors, placeholder_string
 from textual_inversion_core.trackers import select_trackers
 
 logger = logging.getLogger("textual_inversion_flax")
@@ -103,25 +103,34 @@ def main(argv=None):
 
     # ---- Load
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
-    tokenizer, noise_scheduler, scheduler_state, scheduler_config, loaded = load_models(args, folder, weight_dtype)
+    family, tokenizers, noise_scheduler, scheduler_state, scheduler_config, loaded = load_models(args, folder,
+                                                                                                   weight_dtype)
     models = {name: model for name, (model, _, _) in loaded.items()}
     params = {name: weights for name, (_, weights, _) in loaded.items()}
     del loaded  # one host copy of the weights at a time: SD-sized models are gigabytes
-    placeholder_ids, initializer_id = add_placeholder_tokens(
-        tokenizer, args.placeholder_token, args.num_vectors, args.initializer_token)
-    dataset.tokenize(tokenizer, placeholder_string(tokenizer, placeholder_ids))
+    encoder_names = ("text_encoder", "text_encoder_2")[: len(tokenizers)]
+    # The placeholder tokens go into every tokenizer (SDXL: both), with the same strings in every prompt.
+    added = [add_placeholder_tokens(tok, args.placeholder_token, args.num_vectors, args.initializer_token)
+             for tok in tokenizers]
+    prompt_ids = []
+    for tokenizer, (placeholder_ids, _) in zip(tokenizers, added):
+        dataset.tokenize(tokenizer, placeholder_string(tokenizer, placeholder_ids))
+        prompt_ids.append(dataset.all_prompt_ids.astype(np.int32))
+    prompt_ids = np.stack(prompt_ids, axis=1)  # [num_prompts, text encoders, 77]
 
-    # ---- Prepare: the embedding matrix grows by the new rows (initialised like the PyTorch script).
-    table = np.asarray(fm.token_embedding_table(params["text_encoder"]), np.float32)
-    start = fit_init_vectors(args, inputs.init_vectors, table.shape[1])
-    if start is None:
-        start = np.repeat(table[initializer_id][None], args.num_vectors, axis=0)
-    fm.add_placeholder_rows(models["text_encoder"], params["text_encoder"], len(tokenizer), placeholder_ids, start)
+    # ---- Prepare: each embedding matrix grows by the new rows (initialised like the PyTorch script).
+    tables = [np.asarray(fm.token_embedding_table(params[name]), np.float32) for name in encoder_names]
+    starts = fit_init_vectors(args, inputs.init_vectors, [t.shape[1] for t in tables])
+    for i, (name, tokenizer, table, (placeholder_ids, initializer_ids)) in enumerate(
+            zip(encoder_names, tokenizers, tables, added)):
+        if starts[i] is None:  # the initializer word's embedding, or a phrase's (tokens.initializer_rows)
+            starts[i] = initializer_vectors(table, initializer_ids, args.num_vectors)
+        fm.add_placeholder_rows(models[name], params[name], len(tokenizer), placeholder_ids, starts[i])
     frozen_host = {name: jax.tree.map(lambda x: np.asarray(x).astype(weight_dtype, copy=False), params[name])
-                   for name in ("text_encoder", "unet")}
+                   for name in encoder_names + ("unet",)}
     frozen_host["scheduler"] = scheduler_state
     vae_params = jax.tree.map(jnp.asarray, params["vae"])
-    del params, table
+    del params, tables
 
     devices = jax.local_devices()
     plan = run.make_plan(args, len(dataset), jax.device_count())
@@ -130,15 +139,15 @@ def main(argv=None):
     lrs_on_device = jnp.asarray(lrs, dtype=jnp.float32)
     optimizer = optax.adamw(lambda count: lrs_on_device[jnp.minimum(count, plan.max_train_steps)], b1=args.adam_beta1,
                             b2=args.adam_beta2, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay)
-    resume = run.resume_point(args, inputs, start.shape[1], plan, logger)
-    state = fm.new_train_state(optimizer, start if resume.vectors is None else resume.vectors, resume.step, resume.adam)
+    resume = run.resume_point(args, inputs, [s.shape[1] for s in starts], plan, logger)
+    state = fm.new_train_state(optimizer, starts if resume.vector_sets is None else resume.vector_sets, resume.step,
+                               resume.adam_sets)
     step = resume.step
 
     vae = models["vae"]
     latents = run.LatentCache(dataset, fm.encode_posteriors(vae, vae_params))
-    prompt_ids = dataset.all_prompt_ids.astype(np.int32)
-    loss_fn = fm.make_denoising_loss(models["text_encoder"], models["unet"], noise_scheduler, placeholder_ids,
-                                     weight_dtype)
+    loss_fn = fm.make_denoising_loss([models[name] for name in encoder_names], models["unet"], noise_scheduler,
+                                     [ids for ids, _ in added], weight_dtype)
     train_step = jax.pmap(fm.make_train_step(loss_fn, optimizer, float(vae.config.scaling_factor),
                                              run.latent_shape(args.resolution, vae.config),
                                              int(noise_scheduler.config.num_train_timesteps)),
@@ -154,7 +163,8 @@ def main(argv=None):
         """This host's share of a step, [local devices, accumulation, batch, ...], on the devices."""
         batch = run.host_batch(plan, dataset, latents, seed, step, process * len(devices), len(devices))
         batch = {"mean": batch["mean"], "std": batch["std"], "ids": prompt_ids[batch["prompt"]],
-                 "keys": np.stack([np.stack([fm.raw_prng_key(s) for s in row]) for row in batch["noise_seed"]])}
+                 "keys": np.stack([np.stack([fm.raw_prng_key(s) for s in row]) for row in batch["noise_seed"]]),
+                 **({"time_ids": batch["time_ids"].astype(np.float32)} if family == "sdxl" else {})}
         shape = (plan.accumulation, len(devices), plan.per_device_batch)
         return {k: jax.device_put(np.swapaxes(v.reshape(shape + v.shape[2:]), 0, 1), device_split)
                 for k, v in batch.items()}
@@ -167,11 +177,16 @@ def main(argv=None):
     def host_state():
         return jax.tree.map(lambda x: np.asarray(x[0]), p_state)
 
+    def host_sets():
+        return [np.asarray(v[0], np.float32) for v in p_state.vectors]
+
     def current_params():
         """Params for sampling and saving (device-0 copies), with the learned rows merged in."""
         frozen = jax.tree.map(lambda x: x[0], p_frozen)
-        te = fm.merged_text_encoder_params(frozen["text_encoder"], placeholder_ids, p_state.vectors[0])
-        return {"text_encoder": te, "unet": frozen["unet"], "vae": vae_params}
+        current = {"unet": frozen["unet"], "vae": vae_params}
+        for name, (placeholder_ids, _), vectors in zip(encoder_names, added, p_state.vectors):
+            current[name] = fm.merged_text_encoder_params(frozen[name], placeholder_ids, vectors[0])
+        return current
 
     tracker = Trackers(args, trackers, is_main)
     validator = None
@@ -193,20 +208,20 @@ def main(argv=None):
                 for logged_step, value, lr in losses.fetch(lambda values: [np.asarray(v)[0] for v in values]):
                     tracker.log({"loss": value, "lr": lr}, logged_step)
                 progress.set_postfix(loss=f"{losses.history[-1][1]:.4f}", lr=f"{lrs[step - 1]:.2e}")
-                run.check_finite_vectors(np.asarray(p_state.vectors[0]), step)
+                run.check_finite_vectors(host_sets(), step)
             if is_main:
                 if actions.save_embeddings:
-                    embeddings.write_diffusers(args.output_dir, args.placeholder_token, np.asarray(p_state.vectors[0]),
+                    embeddings.write_diffusers(args.output_dir, args.placeholder_token, run.output_vectors(host_sets()),
                                                safe_serialization=not args.no_safe_serialization,
                                                suffix=f"-steps-{step}")
                 if actions.save_checkpoint:
                     host = host_state()
-                    tensors, payload = run.checkpoint_payload(host.vectors, fm.adam_moments(host), seed, args, plan,
-                                                              "flax")
+                    tensors, payload = run.checkpoint_payload(list(host.vectors), fm.adam_moments(host), seed, args,
+                                                              plan, "flax")
                     logger.info("saved %s", checkpoints.save_checkpoint(args.output_dir, step, tensors, payload,
                                                                         args.checkpoints_total_limit))
                 if actions.validate:
-                    validator = validator or Validator(args, models, tokenizer, scheduler_config)
+                    validator = validator or Validator(args, models, tokenizers, scheduler_config)
                     validator(current_params(), step, tracker)
             if actions.stop:
                 progress.close()
@@ -217,14 +232,14 @@ def main(argv=None):
 
     # ---- Save
     if is_main:
-        learned = np.asarray(p_state.vectors[0], np.float32)
+        learned = host_sets()
 
         def save_pipeline():
             pipeline_params = full_precision_params(folder, args.variant, current_params(), weight_dtype,
-                                                    len(tokenizer), placeholder_ids, learned)
-            save_full_pipeline(args, args.output_dir, models, pipeline_params, tokenizer, scheduler_config)
+                                                    [len(t) for t in tokenizers], [ids for ids, _ in added], learned)
+            save_full_pipeline(args, args.output_dir, models, pipeline_params, tokenizers, scheduler_config)
 
-        outputs.finish_run(args, learned, step, losses.history, hub_repo_id, save_pipeline, logger)
+        outputs.finish_run(args, run.output_vectors(learned), step, losses.history, hub_repo_id, save_pipeline, logger)
     tracker.close()
     return 0
 

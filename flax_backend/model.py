@@ -18,9 +18,9 @@ from textual_inversion_core.run import AdamMoments
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything training changes: the vectors, AdamW's state and the optimizer step."""
+    """Everything training changes: the vector sets (one per text encoder), AdamW's state and the step."""
 
-    vectors: jax.Array  # [num_vectors, dim] float32
+    vectors: tuple  # ([num_vectors, dim] float32, ...): text_encoder's, then SDXL's text_encoder_2's
     opt_state: optax.OptState
     step: jax.Array  # int32 scalar
 
@@ -56,21 +56,38 @@ def exact_gelu_interceptor(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
-def make_denoising_loss(text_encoder, unet, noise_scheduler, placeholder_ids, weight_dtype):
-    """loss(vectors, params, scheduler_state, latents, noise, timesteps, input_ids) -> scalar fp32.
+def make_denoising_loss(text_encoders, unet, noise_scheduler, placeholder_id_sets, weight_dtype):
+    """loss(vector_sets, params, scheduler_state, latents, noise, timesteps, input_id_sets, time_ids) -> fp32 scalar.
 
-    params = {"text_encoder": ..., "unet": ...}. MSE between the UNet's prediction and the target
-    (noise for epsilon models, velocity for v_prediction models), as torch_backend.model.denoising_loss.
+    One text encoder (SD-1.x/2.x): its last hidden state conditions the UNet. Two (SDXL): both penultimate
+    hidden states side by side, plus text_encoder_2's pooled projection and the time_ids (original size,
+    crop top-left, target size). params = {"text_encoder": ..., ["text_encoder_2": ...,] "unet": ...}.
+    MSE between the UNet's prediction and the target (noise for epsilon models, velocity for v_prediction
+    models), as torch_backend.model.prediction_loss.
     """
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    names = ("text_encoder", "text_encoder_2")[: len(text_encoders)]
 
-    def loss(vectors, params, scheduler_state, latents, noise, timesteps, input_ids):
-        with nn.intercept_methods(placeholder_interceptor(placeholder_ids, vectors)):
-            hidden = text_encoder(input_ids, params=params["text_encoder"])[0]
+    def encode(vector_sets, params, input_id_sets):
+        outputs = []
+        for name, text_encoder, ids, vectors, placeholder_ids in zip(names, text_encoders, input_id_sets, vector_sets,
+                                                                     placeholder_id_sets):
+            with nn.intercept_methods(placeholder_interceptor(placeholder_ids, vectors)):
+                outputs.append(text_encoder(ids, params=params[name], output_hidden_states=len(names) > 1))
+        if len(outputs) == 1:
+            return outputs[0][0], None
+        hidden = jnp.concatenate([outputs[0].hidden_states[-2], outputs[1].hidden_states[-2]], axis=-1)
+        return hidden, outputs[1].text_embeds
+
+    def loss(vector_sets, params, scheduler_state, latents, noise, timesteps, input_id_sets, time_ids=None):
+        hidden, pooled = encode(vector_sets, params, input_id_sets)
+        added = None
+        if pooled is not None:
+            added = {"text_embeds": pooled.astype(weight_dtype), "time_ids": time_ids.astype(weight_dtype)}
         noisy = noise_scheduler.add_noise(scheduler_state, latents, noise, timesteps)
         with nn.intercept_methods(exact_gelu_interceptor):
             pred = unet.apply({"params": params["unet"]}, noisy.astype(weight_dtype), timesteps,
-                              hidden.astype(weight_dtype)).sample
+                              hidden.astype(weight_dtype), added_cond_kwargs=added).sample
         target = noise_scheduler.get_velocity(scheduler_state, latents, noise, timesteps) if v_prediction else noise
         return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
 
@@ -97,27 +114,28 @@ def draw_example_randomness(key, latent_shape, num_timesteps):
 def make_train_step(loss_fn, optimizer, scaling_factor, latent_shape, num_timesteps):
     """The pure step train_step(state, frozen, batch) -> (state, loss), to be pmapped over axis "batch".
 
-    frozen = {"text_encoder": params, "unet": params, "scheduler": scheduler state}. batch arrays
-    are [accumulation, batch, ...]; gradients are averaged over micro-batches, then pmean-ed over
-    devices, which makes D devices x B equal one device x D*B.
+    frozen = {"text_encoder": params, ["text_encoder_2": params,] "unet": params, "scheduler": scheduler
+    state}. batch arrays are [accumulation, batch, ...] ("ids": [..., text encoders, 77]); gradients are
+    averaged over micro-batches, then pmean-ed over devices, which makes D devices x B equal one device x D*B.
     """
     draw = jax.vmap(lambda k: draw_example_randomness(k, latent_shape, num_timesteps))
 
     def train_step(state, frozen, batch):
-        params = {"text_encoder": frozen["text_encoder"], "unet": frozen["unet"]}
+        params = {k: v for k, v in frozen.items() if k != "scheduler"}
 
         def micro(carry, mb):
             grad_sum, loss_sum = carry
             eps, noise, timesteps = draw(mb["keys"])
             latents = (mb["mean"] + mb["std"] * eps) * scaling_factor
+            id_sets = tuple(mb["ids"][:, i] for i in range(mb["ids"].shape[1]))
             loss, grad = jax.value_and_grad(loss_fn)(state.vectors, params, frozen["scheduler"], latents, noise,
-                                                     timesteps, mb["ids"])
-            return (grad_sum + grad, loss_sum + loss), None
+                                                     timesteps, id_sets, mb.get("time_ids"))
+            return (jax.tree.map(jnp.add, grad_sum, grad), loss_sum + loss), None
 
-        zeros = (jnp.zeros_like(state.vectors), jnp.zeros((), jnp.float32))
+        zeros = (jax.tree.map(jnp.zeros_like, state.vectors), jnp.zeros((), jnp.float32))
         (grad, loss), _ = jax.lax.scan(micro, zeros, batch)
         count = batch["ids"].shape[0]
-        grad = jax.lax.pmean(grad / count, axis_name="batch")
+        grad = jax.lax.pmean(jax.tree.map(lambda g: g / count, grad), axis_name="batch")
         loss = jax.lax.pmean(loss / count, axis_name="batch")
         updates, opt_state = optimizer.update(grad, state.opt_state, state.vectors)
         return state.replace(vectors=optax.apply_updates(state.vectors, updates), opt_state=opt_state,
@@ -126,22 +144,27 @@ def make_train_step(loss_fn, optimizer, scaling_factor, latent_shape, num_timest
     return train_step
 
 
-def new_train_state(optimizer, vectors, step=0, adam=None):
+def new_train_state(optimizer, vector_sets, step=0, adam_sets=None):
     """A TrainState at `step`; AdamW's moments from a checkpoint (the PyTorch names) when given."""
-    vectors = jnp.asarray(vectors, jnp.float32)
+    vectors = tuple(jnp.asarray(v, jnp.float32) for v in vector_sets)
     opt_state = optimizer.init(vectors)
-    if adam is not None:
+    if adam_sets is not None:
         opt_state = optax.tree_utils.tree_set(
-            opt_state, count=jnp.asarray(adam.step, jnp.int32), mu=jnp.asarray(adam.exp_avg, jnp.float32),
-            nu=jnp.asarray(adam.exp_avg_sq, jnp.float32))
+            opt_state, count=jnp.asarray(adam_sets[0].step, jnp.int32),
+            mu=tuple(jnp.asarray(a.exp_avg, jnp.float32) for a in adam_sets),
+            nu=tuple(jnp.asarray(a.exp_avg_sq, jnp.float32) for a in adam_sets))
     return TrainState(vectors=vectors, opt_state=opt_state, step=jnp.asarray(step, jnp.int32))
 
 
 def adam_moments(state):
-    """AdamW's moments of a (host, unreplicated) TrainState, under the PyTorch names (None before step 1)."""
+    """AdamW's moments of each vector set of a (host, unreplicated) TrainState, under the PyTorch names
+    (None before step 1)."""
     adam = next(s for s in state.opt_state if isinstance(s, optax.ScaleByAdamState))
     count = int(adam.count)
-    return AdamMoments(np.asarray(adam.mu, np.float32), np.asarray(adam.nu, np.float32), count) if count else None
+    if not count:
+        return None
+    return [AdamMoments(np.asarray(mu, np.float32), np.asarray(nu, np.float32), count)
+            for mu, nu in zip(adam.mu, adam.nu)]
 
 
 def add_placeholder_rows(text_encoder, te_params, vocab_size, placeholder_ids, start_vectors):

@@ -73,11 +73,16 @@ def flax_scheduler_for(config, fallback="FlaxPNDMScheduler"):
         return cls.from_config(config)
 
 
-def build_pipeline(models, tokenizer, scheduler):
-    from diffusers import FlaxStableDiffusionPipeline
+def build_pipeline(models, tokenizers, scheduler):
+    """FlaxStableDiffusionPipeline, or FlaxStableDiffusionXLPipeline when there are two text encoders."""
+    from diffusers import FlaxStableDiffusionPipeline, FlaxStableDiffusionXLPipeline
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)  # the no-safety-checker notice is expected here
-    return FlaxStableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer,
+    if "text_encoder_2" in models:
+        return FlaxStableDiffusionXLPipeline(
+            vae=models["vae"], text_encoder=models["text_encoder"], text_encoder_2=models["text_encoder_2"],
+            tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=models["unet"], scheduler=scheduler)
+    return FlaxStableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizers[0],
                                        unet=models["unet"], scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None)
 
@@ -89,13 +94,13 @@ class Validator:
     arguments, so new vectors need no recompilation).
     """
 
-    def __init__(self, args, models, tokenizer, scheduler_config):
+    def __init__(self, args, models, tokenizers, scheduler_config):
         from diffusers import FlaxDPMSolverMultistepScheduler
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.scheduler = FlaxDPMSolverMultistepScheduler.from_config(scheduler_config)
-        self.pipeline = build_pipeline(models, tokenizer, self.scheduler)
+        self.pipeline = build_pipeline(models, tokenizers, self.scheduler)
         self.args = args
         self.prompt_ids = jnp.asarray(self.pipeline.prepare_inputs([args.validation_prompt] * args.num_validation_images))
         self.generate = jax.jit(self.pipeline._generate, static_argnums=(3, 4, 5))
@@ -114,26 +119,29 @@ class Validator:
         return paths
 
 
-def full_precision_params(folder, variant, params, weight_dtype, vocab_size, placeholder_ids, vectors):
+def full_precision_params(folder, variant, params, weight_dtype, vocab_sizes, placeholder_id_sets, vector_sets):
     """fp32 params of the pipeline to save, with the learned rows merged in. Under bf16 the training copies
-    are rounded, so the text encoder and UNet are read again from the model's files; the VAE is fp32 already."""
+    are rounded, so the text encoder(s) and UNet are read again from the model's files; the VAE is fp32 already."""
     if weight_dtype == jnp.float32:
         return params
-    text_encoder, te_params, _ = load_component(folder, "text_encoder", variant, jnp.float32)
-    add_placeholder_rows(text_encoder, te_params, vocab_size, placeholder_ids, np.asarray(vectors, np.float32))
-    _, unet_params, _ = load_component(folder, "unet", variant, jnp.float32)
-    te = merged_text_encoder_params(jax.tree.map(jnp.asarray, te_params), placeholder_ids, vectors)
-    return {"text_encoder": te, "unet": unet_params, "vae": params["vae"]}
+    fresh = {"vae": params["vae"]}
+    names = ("text_encoder", "text_encoder_2")[: len(vector_sets)]
+    for name, vocab_size, placeholder_ids, vectors in zip(names, vocab_sizes, placeholder_id_sets, vector_sets):
+        text_encoder, te_params, _ = load_component(folder, name, variant, jnp.float32)
+        add_placeholder_rows(text_encoder, te_params, vocab_size, placeholder_ids, np.asarray(vectors, np.float32))
+        fresh[name] = merged_text_encoder_params(jax.tree.map(jnp.asarray, te_params), placeholder_ids, vectors)
+    _, fresh["unet"], _ = load_component(folder, "unet", variant, jnp.float32)
+    return fresh
 
 
-def save_full_pipeline(args, output_dir, models, params, tokenizer, scheduler_config):
-    """A FlaxStableDiffusionPipeline folder (fp32, extended tokenizer/text encoder); nothing downloaded.
+def save_full_pipeline(args, output_dir, models, params, tokenizers, scheduler_config):
+    """A Flax pipeline folder (fp32, extended tokenizer(s)/text encoder(s)); nothing downloaded.
     params: full-precision (see full_precision_params)."""
     scheduler = flax_scheduler_for(scheduler_config)
     if getattr(models["unet"], "use_memory_efficient_attention", False):
         # How attention is computed is a runtime choice; the saved config stays the plain one.
         models = dict(models, unet=models["unet"].clone(use_memory_efficient_attention=False))
-    pipeline = build_pipeline(models, tokenizer, scheduler)
+    pipeline = build_pipeline(models, tokenizers, scheduler)
     fp32 = {k: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), v) for k, v in params.items()}
     staging = os.path.join(output_dir, ".tmp-pipeline")
     shutil.rmtree(staging, ignore_errors=True)

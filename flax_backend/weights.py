@@ -12,7 +12,9 @@ from textual_inversion_core.errors import UserError
 
 logger = logging.getLogger("textual_inversion_flax")
 
-COMPONENTS = ("text_encoder", "vae", "unet")
+# The components of each model family: SD-1.x/2.x, and SDXL (a second, projected text encoder).
+COMPONENTS = {"sd": ("text_encoder", "vae", "unet"), "sdxl": ("text_encoder", "text_encoder_2", "vae", "unet")}
+TOKENIZERS = {"sd": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
 # Buffers some PyTorch checkpoints carry that are not parameters in Flax (recomputed there).
 _PT_BUFFER_SUFFIXES = ("position_ids", "num_batches_tracked")
 _SUPPORTED_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -31,8 +33,8 @@ def resolve_model_folder(args):
         from huggingface_hub import HfApi, snapshot_download
 
         files = HfApi().list_repo_files(model, revision=args.revision, token=args.hub_token)
-        patterns = ["model_index.json", "tokenizer/*", "scheduler/*"]
-        for component in COMPONENTS:
+        patterns = ["model_index.json", "tokenizer/*", "tokenizer_2/*", "scheduler/*"]
+        for component in COMPONENTS["sdxl"]:
             patterns.append(f"{component}/config.json")
             names = {f.split("/", 1)[1] for f in files if f.startswith(component + "/")}
             choice = _weight_choice(names, args.variant)
@@ -45,6 +47,15 @@ def resolve_model_folder(args):
     except Exception as err:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the model {model!r} ({first}); check the path or hub id and --revision") from err
+
+
+def model_family(folder):
+    """"sdxl" when the pipeline folder has a second text encoder, else "sd"."""
+    index = os.path.join(folder, "model_index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return "sdxl" if (json.load(f).get("text_encoder_2") or [None])[0] else "sd"
+    return "sdxl" if os.path.isdir(os.path.join(folder, "text_encoder_2")) else "sd"
 
 
 def _weight_choice(names, variant):
@@ -133,10 +144,12 @@ def convert_pytorch_state(pt_state, expected, library):
 
 
 def _add_text_model_prefix_if_missing(pt_state, expected):
-    """transformers 5 saves CLIPTextModel without the `text_model.` prefix that the Flax model uses."""
-    wants_prefix = all(k[0] == "text_model" for k in expected)
+    """transformers 5 saves CLIPTextModel without the `text_model.` prefix that the Flax model uses
+    (SDXL's projected encoder keeps `text_projection` beside it, unprefixed)."""
+    outside = ("text_projection",)
+    wants_prefix = all(k[0] == "text_model" for k in expected if k[0] not in outside)
     if wants_prefix and pt_state and not any(k.startswith("text_model.") for k in pt_state):
-        return {"text_model." + k: v for k, v in pt_state.items()}, True
+        return {(k if k.startswith(outside) else "text_model." + k): v for k, v in pt_state.items()}, True
     return pt_state, False
 
 
@@ -166,11 +179,12 @@ def load_component(folder, name, variant, dtype, config_overrides=None):
     if not os.path.isdir(sub):
         raise UserError(f"{folder!r} has no {name}/ folder; --pretrained_model_name_or_path must be a full SD pipeline")
     rng = jax.random.PRNGKey(0)
-    if name == "text_encoder":
-        from transformers import CLIPTextConfig, FlaxCLIPTextModel
+    if name in ("text_encoder", "text_encoder_2"):
+        from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
 
         config = CLIPTextConfig.from_pretrained(sub)
-        model = FlaxCLIPTextModel(config, dtype=dtype, _do_init=False)
+        cls = FlaxCLIPTextModelWithProjection if name == "text_encoder_2" else FlaxCLIPTextModel
+        model = cls(config, dtype=dtype, _do_init=False)
         library = "transformers"
         shapes = jax.eval_shape(lambda r: model.init_weights(r, model.input_shape), rng)
     else:
@@ -236,15 +250,21 @@ def noise_schedule(folder):
 
 
 def load_models(args, folder, weight_dtype):
+    """(family, tokenizers, noise_scheduler, scheduler_state, scheduler_config, {component: (model, params, note)})."""
     import jax.numpy as jnp
     from transformers import CLIPTokenizer
 
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name or os.path.join(folder, "tokenizer"),
-                                                  revision=args.revision if args.tokenizer_name else None)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load the tokenizer ({first}); check --pretrained_model_name_or_path / --tokenizer_name") from err
+    family = model_family(folder)
+    tokenizers = []
+    for i, sub in enumerate(TOKENIZERS[family]):
+        name = args.tokenizer_name if args.tokenizer_name and i == 0 else os.path.join(folder, sub)
+        try:
+            tokenizers.append(CLIPTokenizer.from_pretrained(name, revision=args.revision if args.tokenizer_name and i == 0
+                                                            else None))
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise UserError(f"cannot load the tokenizer ({first}); check --pretrained_model_name_or_path / "
+                            "--tokenizer_name") from err
     noise_scheduler, scheduler_state, scheduler_config = noise_schedule(folder)
     loaded = {}
     overrides = {}
@@ -253,7 +273,7 @@ def load_models(args, folder, weight_dtype):
         # same softmax in query/key blocks and recomputes them in the backward instead of keeping each
         # [heads, tokens, tokens] matrix alive (SD-1.5 at 512 px: 0.54 GB per self-attention layer in fp32).
         overrides["unet"] = {"use_memory_efficient_attention": True}
-    for name in COMPONENTS:
+    for name in COMPONENTS[family]:
         # The VAE stays fp32: its posterior is computed once per image and cached exactly.
         dtype = jnp.float32 if name == "vae" else weight_dtype
         try:
@@ -264,4 +284,4 @@ def load_models(args, folder, weight_dtype):
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             raise UserError(f"cannot load {name} from {folder!r} ({first}); check the model folder") from err
         logger.info("%s: %s", name, loaded[name][2])
-    return tokenizer, noise_scheduler, scheduler_state, scheduler_config, loaded
+    return family, tokenizers, noise_scheduler, scheduler_state, scheduler_config, loaded

@@ -71,11 +71,11 @@ def test_flax_loss_and_gradient_equal_pytorch(tiny_pipeline, prediction_type):
     scheduler_fx, _, config = flax_weights.noise_schedule(tiny_pipeline)
     assert config["beta_schedule"] == "scaled_linear"
     scheduler_fx = FlaxDDPMScheduler(**{**scheduler_fx.config, "prediction_type": prediction_type})
-    loss_fn = flax_model.make_denoising_loss(te_model, unet_model, scheduler_fx, placeholder_ids, jnp.float32)
+    loss_fn = flax_model.make_denoising_loss([te_model], unet_model, scheduler_fx, [placeholder_ids], jnp.float32)
     params = {"text_encoder": te_params, "unet": unet_params}
-    loss_fx, grad_fx = jax.jit(jax.value_and_grad(loss_fn))(
-        jnp.asarray(vectors0), params, scheduler_fx.create_state(), jnp.asarray(latents), jnp.asarray(noise),
-        jnp.asarray(timesteps, jnp.int32), jnp.asarray(ids, jnp.int32))
+    loss_fx, (grad_fx,) = jax.jit(jax.value_and_grad(loss_fn))(
+        (jnp.asarray(vectors0),), params, scheduler_fx.create_state(), jnp.asarray(latents), jnp.asarray(noise),
+        jnp.asarray(timesteps, jnp.int32), (jnp.asarray(ids, jnp.int32),))
 
     assert abs(float(loss_fx) - float(loss_pt)) / abs(float(loss_pt)) <= 1e-4, (float(loss_fx), float(loss_pt))
     assert grad_fx.shape == grad_pt.shape == (num_vectors, dim)
