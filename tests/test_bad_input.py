@@ -1,5 +1,10 @@
-"""Bad input a user can give the PyTorch trainer: each ends in one clear line, exit code != 0, and
-nothing half-written in output_dir; awkward but valid images (modes, EXIF, size, names) train."""
+"""Bad input a user can give the PyTorch trainer: each ends in one clear line, exit code 2, and
+nothing half-written in output_dir; awkward but valid images (modes, EXIF, size, names) train.
+
+Input refused before any model is loaded is checked in this process, through textual_inversion.main:
+it raises a UserError, which run_cli prints as one line with exit code 2 (checked end to end once, by
+test_refusal_from_the_command_line_is_one_line), or argparse prints its line and exits with 2. Refusals
+that need the model (its tokenizer, weights or width) run the script as users do."""
 
 import os
 import shutil
@@ -12,9 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, base_args, run_script, write_images
-
+import textual_inversion
+from helpers import REPO, base_args, read_vectors, run_script, write_images
 from textual_inversion_core.data import load_image
+from textual_inversion_core.errors import UserError
 
 PROG = "textual_inversion.py: error:"
 
@@ -28,60 +34,97 @@ def files_under(folder):
     return found
 
 
+def assert_names(line, *needles):
+    assert line.startswith(PROG), line
+    for needle in needles:
+        assert needle in line, (needle, line)
+    return line
+
+
 def assert_one_line_error(result, *needles):
-    """Exit code != 0, no traceback, exactly one error line (the last one) naming the problem."""
-    assert result.returncode != 0, result.stderr[-2000:]
+    """A script run that ended with exit code 2, no traceback, exactly one error line (the last one) naming the problem."""
+    assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if ": error:" in line]
     assert len(errors) == 1, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == errors[0]
-    assert errors[0].startswith(PROG), errors[0]
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
+    return assert_names(errors[0], *needles)
+
+
+def refusal(argv, capsys, *needles):
+    """The line a user sees when the trainer refuses argv, from main(argv) run in this process."""
+    with pytest.raises((UserError, SystemExit)) as info:
+        textual_inversion.main(argv)
+    stderr = capsys.readouterr().err
+    if isinstance(info.value, SystemExit):  # argparse: its own line, exit code 2
+        assert info.value.code == 2, info.value.code
+        assert len(stderr.splitlines()) == 1, stderr
+        line = stderr.strip()
+    else:  # run_cli prints this as the one error line and exits with 2
+        message = str(info.value)
+        assert message.strip() and "\n" not in message, message
+        assert ": error:" not in stderr, stderr
+        line = f"{PROG} {message}"
+    return assert_names(line, *needles)
+
+
+def bad_args(tiny_pipeline, data, out, **overrides):
+    overrides.setdefault("report_to", "tensorboard")  # so a late failure would leave logs/ behind
+    return base_args(tiny_pipeline, data, out, **overrides)
 
 
 def run_bad(tiny_pipeline, data, out, **overrides):
-    overrides.setdefault("report_to", "tensorboard")  # so a late failure would leave logs/ behind
-    return run_script(base_args(tiny_pipeline, data, out, **overrides), timeout=300)
+    return run_script(bad_args(tiny_pipeline, data, out, **overrides), timeout=300)
+
+
+def test_refusal_from_the_command_line_is_one_line(tiny_pipeline, train_images, tmp_path):
+    """The script as users run it: run_cli prints the UserError as the only stderr line, exit code 2, no
+    traceback, and the refused run created no output folder."""
+    out = tmp_path / "out"
+    result = run_bad(tiny_pipeline, train_images, str(out), num_vectors=0)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [f"{PROG} --num_vectors must be at least 1, got 0"], result.stderr
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------------------------------
 # The training-data folder
 
 
-def test_train_data_dir_missing(tiny_pipeline, tmp_path):
+def test_train_data_dir_missing(tiny_pipeline, tmp_path, capsys):
     out = str(tmp_path / "out")
-    result = run_bad(tiny_pipeline, str(tmp_path / "no-such-folder"), out)
-    assert_one_line_error(result, "--train_data_dir", "no-such-folder", "does not exist")
+    refusal(bad_args(tiny_pipeline, str(tmp_path / "no-such-folder"), out), capsys,
+            "--train_data_dir", "no-such-folder", "does not exist")
     assert files_under(out) == set()
 
 
-def test_train_data_dir_is_a_file(tiny_pipeline, tmp_path):
+def test_train_data_dir_is_a_file(tiny_pipeline, tmp_path, capsys):
     data = tmp_path / "image.png"
     Image.new("RGB", (16, 16)).save(data)
     out = str(tmp_path / "out")
-    assert_one_line_error(run_bad(tiny_pipeline, str(data), out), "is a file, not a folder")
+    refusal(bad_args(tiny_pipeline, str(data), out), capsys, "is a file, not a folder")
     assert files_under(out) == set()
 
 
-def test_train_data_dir_empty(tiny_pipeline, tmp_path):
+def test_train_data_dir_empty(tiny_pipeline, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     (data / "subfolder").mkdir()
     out = str(tmp_path / "out")
-    assert_one_line_error(run_bad(tiny_pipeline, str(data), out), "contains no image files")
+    refusal(bad_args(tiny_pipeline, str(data), out), capsys, "contains no image files")
     assert files_under(out) == set()
 
 
-def test_only_non_image_files(tiny_pipeline, tmp_path):
+def test_only_non_image_files(tiny_pipeline, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     (data / "notes.txt").write_text("not an image")
     (data / "labels.csv").write_text("a,b\n")
     (data / "photo").write_bytes(b"no extension, not an image either")
+    (data / ".DS_Store").write_bytes(b"\0\1junk")
     out = str(tmp_path / "out")
-    assert_one_line_error(run_bad(tiny_pipeline, str(data), out), "contains no image files")
+    refusal(bad_args(tiny_pipeline, str(data), out), capsys, "contains no image files")
     assert files_under(out) == set()
 
 
@@ -93,8 +136,9 @@ def _truncated_jpeg(path):
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated_jpeg", "truncated_png"])
-def test_corrupt_image_is_named(tiny_pipeline, tmp_path, kind):
+def test_corrupt_image_is_named(tiny_pipeline, tmp_path, capsys, kind):
     data = write_images(tmp_path / "data", count=2)
+    open(os.path.join(data, ".DS_Store"), "wb").write(b"\0\1junk")  # not an image: skipped, not named
     if kind == "garbage":
         bad = os.path.join(data, "broken.png")
         open(bad, "wb").write(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
@@ -107,8 +151,7 @@ def test_corrupt_image_is_named(tiny_pipeline, tmp_path, kind):
         content = open(bad, "rb").read()
         open(bad, "wb").write(content[: len(content) * 2 // 3])
     out = str(tmp_path / "out")
-    assert_one_line_error(run_bad(tiny_pipeline, data, out), "cannot read image", os.path.basename(bad),
-                          "--skip_bad_images")
+    refusal(bad_args(tiny_pipeline, data, out), capsys, "cannot read image", os.path.basename(bad), "--skip_bad_images")
     assert files_under(out) == set()
 
 
@@ -125,17 +168,17 @@ def test_skip_bad_images_trains_on_the_rest_with_a_warning(tiny_pipeline, tmp_pa
     assert os.path.isfile(os.path.join(out, "learned_embeds.safetensors"))
 
 
-def test_every_image_unreadable_even_with_skip(tiny_pipeline, tmp_path):
+def test_every_image_unreadable_even_with_skip(tiny_pipeline, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     (data / "b.jpg").write_bytes(b"\xff\xd8\xffbroken")
     out = str(tmp_path / "out")
-    assert_one_line_error(run_bad(tiny_pipeline, str(data), out, skip_bad_images=True), "could be read")
+    refusal(bad_args(tiny_pipeline, str(data), out, skip_bad_images=True), capsys, "could be read")
     assert files_under(out) == set()
 
 
-def test_decompression_bomb_is_refused_by_name(tiny_pipeline, tmp_path):
+def test_decompression_bomb_is_refused_by_name(tiny_pipeline, tmp_path, capsys):
     """A PNG header claiming 30000x30000 pixels: refused before decoding, with the file named."""
     data = write_images(tmp_path / "data", count=1)
 
@@ -146,7 +189,7 @@ def test_decompression_bomb_is_refused_by_name(tiny_pipeline, tmp_path):
     bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
     open(os.path.join(data, "bomb.png"), "wb").write(bomb)
     out = str(tmp_path / "out")
-    assert_one_line_error(run_bad(tiny_pipeline, data, out), "cannot read image", "bomb.png")
+    refusal(bad_args(tiny_pipeline, data, out), capsys, "cannot read image", "bomb.png")
     assert files_under(out) == set()
 
 
@@ -224,20 +267,19 @@ def test_exif_orientation_is_honoured(tmp_path):
 
 
 def test_awkward_valid_folder_trains(tiny_pipeline, tmp_path):
-    """Every mode above, EXIF, spaces and non-ASCII names, plus a stray text file: all images train."""
+    """Every mode above, EXIF, spaces and non-ASCII names, plus a stray text file and a .DS_Store: all
+    images train, the other files are skipped."""
     data = str(tmp_path / "données d'entraînement")
     expected = _save_valid_images(data)
     _exif_rotated_jpeg(os.path.join(data, "rotated.jpg"))
     open(os.path.join(data, "notes.txt"), "w").write("not an image")
+    open(os.path.join(data, ".DS_Store"), "wb").write(b"\0\1junk")
     out = str(tmp_path / "sortie ü")
     result = run_script(base_args(tiny_pipeline, data, out, max_train_steps=3, train_batch_size=4))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"images = {len(expected) + 1}," in result.stderr
     assert "notes.txt" in result.stderr  # the skipped file is named in a warning
-    from safetensors.numpy import load_file
-
-    vectors = load_file(os.path.join(out, "learned_embeds.safetensors"))["<cat-toy>"]
-    assert np.isfinite(vectors).all()
+    assert np.isfinite(read_vectors(os.path.join(out, "learned_embeds.safetensors"))).all()
 
 
 _PEAK_RSS_OF_DECODE = r"""
@@ -283,7 +325,7 @@ def test_placeholder_token_already_in_vocabulary(tiny_pipeline, train_images, tm
     assert files_under(out) == set()
 
 
-@pytest.mark.parametrize("token, pieces", [("toy robot", "2 tokens"), ("qzxvkjwplm", "tokens ("),
+@pytest.mark.parametrize("token, pieces", [("toy qzxvkjwplm", "its word 'qzxvkjwplm' is 8 tokens"), ("qzxvkjwplm", "tokens ("),
                                            ("<cat-toy>", "tokens (")])
 def test_initializer_not_one_token(tiny_pipeline, train_images, tmp_path, token, pieces):
     out = str(tmp_path / "out")
@@ -292,10 +334,9 @@ def test_initializer_not_one_token(tiny_pipeline, train_images, tmp_path, token,
     assert files_under(out) == set()
 
 
-def test_initializer_empty(tiny_pipeline, train_images, tmp_path):
+def test_initializer_empty(tiny_pipeline, train_images, tmp_path, capsys):
     out = str(tmp_path / "out")
-    assert_one_line_error(run_bad(tiny_pipeline, train_images, out, initializer_token=" "),
-                          "--initializer_token is empty")
+    refusal(bad_args(tiny_pipeline, train_images, out, initializer_token=" "), capsys, "--initializer_token is empty")
     assert files_under(out) == set()
 
 
@@ -316,12 +357,18 @@ def test_initializer_empty(tiny_pipeline, train_images, tmp_path):
     ("learning_rate", "inf", "--learning_rate must be 0 or more"),
     ("logging_steps", 0, "--logging_steps must be at least 1, got 0"),
 ])
-def test_bad_flag_value(tiny_pipeline, train_images, tmp_path, flag, value, needle):
+def test_bad_flag_value(tiny_pipeline, train_images, tmp_path, capsys, flag, value, needle):
     out = str(tmp_path / "out")
-    result = run_bad(tiny_pipeline, train_images, out, **{flag: value})
-    assert_one_line_error(result, needle)
-    assert result.returncode == 2
+    refusal(bad_args(tiny_pipeline, train_images, out, **{flag: value}), capsys, needle)
     assert not os.path.exists(out)  # flags are checked before anything touches the disk
+
+
+def test_xformers_where_it_cannot_run(tiny_pipeline, train_images, tmp_path, capsys):
+    """No xformers package (or no CUDA GPU) here: refused before any model is loaded."""
+    out = str(tmp_path / "out")
+    refusal(bad_args(tiny_pipeline, train_images, out, enable_xformers_memory_efficient_attention=True), capsys,
+            "--enable_xformers_memory_efficient_attention needs")
+    assert files_under(out) == set()
 
 
 @pytest.mark.parametrize("kind", ["empty_folder", "folder_of_other_files", "a_file", "missing_offline"])
@@ -372,18 +419,17 @@ def _copy_of(completed_run, tmp_path):
     return out
 
 
-def test_resume_from_missing_checkpoint(tiny_pipeline, train_images, completed_run, tmp_path):
+def test_resume_from_missing_checkpoint(tiny_pipeline, train_images, completed_run, tmp_path, capsys):
     out = _copy_of(completed_run, tmp_path)
     before = files_under(out)
-    result = run_bad(tiny_pipeline, train_images, out, resume_from_checkpoint="checkpoint-1500", max_train_steps=4)
-    line = assert_one_line_error(result, "--resume_from_checkpoint 'checkpoint-1500' not found")
+    argv = bad_args(tiny_pipeline, train_images, out, resume_from_checkpoint="checkpoint-1500", max_train_steps=4)
+    line = refusal(argv, capsys, "--resume_from_checkpoint 'checkpoint-1500' not found")
     assert "checkpoint-1, checkpoint-2" in line  # says what is there
     assert files_under(out) == before
 
 
-@pytest.mark.parametrize("damage", ["garbage_tensors", "truncated_tensors", "no_json", "bad_json", "wrong_shape"])
-def test_resume_from_corrupt_checkpoint(tiny_pipeline, train_images, completed_run, tmp_path, damage):
-    out = _copy_of(completed_run, tmp_path)
+def _damage_checkpoint(out, damage):
+    """Damage out/checkpoint-2; returns the --resume_from_checkpoint value that picks it."""
     ckpt = os.path.join(out, "checkpoint-2")
     tensors, state = os.path.join(ckpt, "training_state.safetensors"), os.path.join(ckpt, "training_state.json")
     if damage == "garbage_tensors":
@@ -399,16 +445,31 @@ def test_resume_from_corrupt_checkpoint(tiny_pipeline, train_images, completed_r
         from safetensors.numpy import save_file
 
         save_file({"vectors": np.zeros((1, 7), np.float32)}, tensors)
+    return "checkpoint-2" if damage == "no_json" else "latest"
+
+
+@pytest.mark.parametrize("damage", ["garbage_tensors", "truncated_tensors", "no_json", "bad_json"])
+def test_resume_from_corrupt_checkpoint(tiny_pipeline, train_images, completed_run, tmp_path, capsys, damage):
+    out = _copy_of(completed_run, tmp_path)
+    spec = _damage_checkpoint(out, damage)
     before = files_under(out)
-    spec = "checkpoint-2" if damage == "no_json" else "latest"
+    refusal(bad_args(tiny_pipeline, train_images, out, resume_from_checkpoint=spec, max_train_steps=4), capsys,
+            "checkpoint-2")
+    assert files_under(out) == before
+
+
+def test_resume_from_checkpoint_of_another_width(tiny_pipeline, train_images, completed_run, tmp_path):
+    """Vectors 7 wide where the text encoder is 32: found once the model is loaded, still one line."""
+    out = _copy_of(completed_run, tmp_path)
+    spec = _damage_checkpoint(out, "wrong_shape")
+    before = files_under(out)
     result = run_bad(tiny_pipeline, train_images, out, resume_from_checkpoint=spec, max_train_steps=4)
     assert_one_line_error(result, "checkpoint-2")
     assert files_under(out) == before
 
 
-@pytest.mark.parametrize("kind, needle", [("missing", "does not exist"), ("nan", "NaN or infinite"),
-                                          ("wrong_count", "pass --num_vectors 2"), ("wrong_width", "width 7")])
-def test_init_from_bad_embedding(tiny_pipeline, train_images, tmp_path, kind, needle):
+def _start_embedding(tmp_path, kind):
+    """Path of a --init_from file of the given kind ("missing": a path with no file)."""
     from safetensors.numpy import save_file
 
     path = str(tmp_path / "start.safetensors")
@@ -416,25 +477,39 @@ def test_init_from_bad_embedding(tiny_pipeline, train_images, tmp_path, kind, ne
                "wrong_width": np.zeros((1, 7), np.float32)}.get(kind)
     if vectors is not None:
         save_file({"<old>": vectors}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind, needle", [("missing", "does not exist"), ("nan", "NaN or infinite"),
+                                          ("wrong_count", "pass --num_vectors 2")])
+def test_init_from_bad_embedding(tiny_pipeline, train_images, tmp_path, capsys, kind, needle):
     out = str(tmp_path / "out")
-    assert_one_line_error(run_bad(tiny_pipeline, train_images, out, init_from=path), "--init_from" if kind != "missing"
-                          else "start.safetensors", needle)
+    argv = bad_args(tiny_pipeline, train_images, out, init_from=_start_embedding(tmp_path, kind))
+    refusal(argv, capsys, "--init_from" if kind != "missing" else "start.safetensors", needle)
     assert files_under(out) == set()
 
 
-def test_output_dir_under_a_regular_file(tiny_pipeline, train_images, tmp_path):
+def test_init_from_of_another_width(tiny_pipeline, train_images, tmp_path):
+    """A 7-wide embedding for a 32-wide text encoder: found once the model is loaded, still one line."""
+    out = str(tmp_path / "out")
+    result = run_bad(tiny_pipeline, train_images, out, init_from=_start_embedding(tmp_path, "wrong_width"))
+    assert_one_line_error(result, "--init_from", "width 7")
+    assert files_under(out) == set()
+
+
+def test_output_dir_under_a_regular_file(tiny_pipeline, train_images, tmp_path, capsys):
     """As root every folder is writable, so make the path impossible: its parent is a file."""
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     out = str(blocker / "out")
-    assert_one_line_error(run_bad(tiny_pipeline, train_images, out), "--output_dir", "not writable")
+    refusal(bad_args(tiny_pipeline, train_images, out), capsys, "--output_dir", "not writable")
     assert blocker.read_text() == "x"
 
 
-def test_output_dir_is_a_file(tiny_pipeline, train_images, tmp_path):
+def test_output_dir_is_a_file(tiny_pipeline, train_images, tmp_path, capsys):
     out = tmp_path / "out"
     out.write_text("x")
-    assert_one_line_error(run_bad(tiny_pipeline, train_images, str(out)), "--output_dir", "not writable")
+    refusal(bad_args(tiny_pipeline, train_images, str(out)), capsys, "--output_dir", "not writable")
     assert out.read_text() == "x"
 
 
@@ -461,7 +536,7 @@ def _make_writable(folder):
     os.chmod(folder, 0o755)
 
 
-def test_output_dir_not_writable(tiny_pipeline, train_images, tmp_path):
+def test_output_dir_not_writable(tiny_pipeline, train_images, tmp_path, capsys):
     """An existing read-only (immutable, as root) folder; where chattr is refused, a folder under a file."""
     out = tmp_path / "readonly"
     out.mkdir()
@@ -469,8 +544,7 @@ def test_output_dir_not_writable(tiny_pipeline, train_images, tmp_path):
         if not _make_unwritable(out):
             (tmp_path / "a-file").write_text("x")
             out = tmp_path / "a-file" / "out"
-        result = run_bad(tiny_pipeline, train_images, str(out))
-        assert_one_line_error(result, "--output_dir", "not writable")
+        refusal(bad_args(tiny_pipeline, train_images, str(out)), capsys, "--output_dir", "not writable")
     finally:
         if out.is_dir():
             _make_writable(out)

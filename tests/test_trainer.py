@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TRAIN_SCRIPT, base_args, run_script, write_images
+from helpers import REPO, TORCH_SCRIPT, base_args, read_vectors, run_script
 
 DIFFUSERS_FLAGS = """--save_steps --save_as_full_pipeline --num_vectors --pretrained_model_name_or_path --revision
 --variant --tokenizer_name --train_data_dir --placeholder_token --initializer_token --learnable_property --repeats
@@ -25,14 +25,8 @@ DIFFUSERS_FLAGS = """--save_steps --save_as_full_pipeline --num_vectors --pretra
 --no_safe_serialization""".split()
 
 
-def read_vectors(path):
-    data = load_file(path)
-    assert list(data) == ["<cat-toy>"]
-    return data["<cat-toy>"]
-
-
 def test_help_lists_every_diffusers_flag_with_diffusers_defaults():
-    result = subprocess.run([sys.executable, TRAIN_SCRIPT, "--help"], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run([sys.executable, TORCH_SCRIPT, "--help"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0
     listed = set(re.findall(r"--[a-z0-9_]+", result.stdout))
     assert set(DIFFUSERS_FLAGS) <= listed, set(DIFFUSERS_FLAGS) - listed
@@ -66,13 +60,14 @@ def test_run_writes_the_four_files(trained):
     assert open(os.path.join(trained, "token_identifier.txt")).read() == "<cat-toy>"
     assert open(os.path.join(trained, "type_of_concept.txt")).read() == "object"
     vectors = read_vectors(os.path.join(trained, "learned_embeds.safetensors"))
-    assert vectors.shape == (2, 32) and vectors.dtype == torch.float32
+    assert vectors.shape == (2, 32) and vectors.dtype == np.float32
     binary = torch.load(os.path.join(trained, "learned_embeds.bin"), weights_only=True)
-    assert torch.equal(binary["<cat-toy>"], vectors)
+    assert list(binary) == ["<cat-toy>"] and binary["<cat-toy>"].dtype == torch.float32
+    np.testing.assert_array_equal(binary["<cat-toy>"].numpy(), vectors)
     for step in (3, 6):
         assert os.path.isfile(os.path.join(trained, f"learned_embeds-steps-{step}.safetensors"))
         assert os.path.isfile(os.path.join(trained, f"learned_embeds-steps-{step}.bin"))
-    assert torch.equal(read_vectors(os.path.join(trained, "learned_embeds-steps-6.safetensors")), vectors)
+    np.testing.assert_array_equal(read_vectors(os.path.join(trained, "learned_embeds-steps-6.safetensors")), vectors)
 
 
 @pytest.mark.parametrize("source", ["folder", "file"])
@@ -85,7 +80,7 @@ def test_diffusers_load_textual_inversion_gives_the_trained_rows(trained, tiny_p
     pipe.load_textual_inversion(target)
     ids = pipe.tokenizer.convert_tokens_to_ids(["<cat-toy>", "<cat-toy>_1"])
     weight = pipe.text_encoder.get_input_embeddings().weight.detach()
-    assert torch.equal(weight[ids], read_vectors(os.path.join(trained, "learned_embeds.safetensors")))
+    np.testing.assert_array_equal(weight[ids].numpy(), read_vectors(os.path.join(trained, "learned_embeds.safetensors")))
     assert torch.equal(weight[: original.shape[0]], original)
     # The prompt expands the token to every vector, as during training.
     prompt_ids = pipe.maybe_convert_prompt("a photo of <cat-toy>", pipe.tokenizer)
@@ -110,7 +105,7 @@ def test_only_the_new_vectors_changed(trained, tiny_pipeline):
     vocab = before[key].shape[0]
     assert after[key].shape[0] == vocab + 2
     assert torch.equal(after[key][:vocab], before[key])
-    learned = read_vectors(os.path.join(trained, "learned_embeds.safetensors"))
+    learned = torch.from_numpy(read_vectors(os.path.join(trained, "learned_embeds.safetensors")))
     assert torch.equal(after[key][vocab:], learned)
     from transformers import CLIPTokenizer
 
@@ -149,7 +144,7 @@ def test_resume_reaches_the_uninterrupted_vectors(tiny_pipeline, train_images, t
     assert "resumed from" in second.stderr and "at step 4" in second.stderr
     a = read_vectors(os.path.join(full, "learned_embeds.safetensors"))
     b = read_vectors(os.path.join(part, "learned_embeds.safetensors"))
-    assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 def test_accelerate_launch_with_default_config(tiny_pipeline, train_images, tmp_path):
@@ -176,7 +171,7 @@ def test_v_prediction_and_style_and_bf16_train(tiny_pipeline, train_images, tmp_
                                   mixed_precision="bf16", gradient_checkpointing=True, scale_lr=True))
     assert result.returncode == 0, result.stderr[-3000:]
     assert open(os.path.join(out, "type_of_concept.txt")).read() == "style"
-    assert torch.isfinite(read_vectors(os.path.join(out, "learned_embeds.safetensors"))).all()
+    assert np.isfinite(read_vectors(os.path.join(out, "learned_embeds.safetensors"))).all()
 
 
 def test_no_safe_serialization_writes_only_bin(tiny_pipeline, train_images, tmp_path):
@@ -187,67 +182,3 @@ def test_no_safe_serialization_writes_only_bin(tiny_pipeline, train_images, tmp_
     assert os.path.isfile(os.path.join(out, "learned_embeds.bin"))
     assert not any(f.endswith(".safetensors") for f in os.listdir(out))
 
-
-def _error_line(result):
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    return lines[-1]
-
-
-@pytest.mark.parametrize("case, expected", [
-    ("missing_dir", "does not exist"),
-    ("empty_dir", "contains no image files"),
-    ("only_non_images", "contains no image files"),
-    ("undecodable", "cannot read image"),
-    ("token_in_vocab", "already in the tokenizer's vocabulary"),
-    ("multi_token_initializer", "must be a single token"),
-    ("num_vectors_0", "--num_vectors must be at least 1"),
-    ("resolution_not_8", "not a multiple of 8"),
-    ("missing_checkpoint", "not found"),
-    ("xformers", "xformers"),
-])
-def test_bad_input_ends_in_one_clear_line(tiny_pipeline, train_images, tmp_path, case, expected):
-    data = train_images
-    overrides = {}
-    if case == "missing_dir":
-        data = str(tmp_path / "nope")
-    elif case in ("empty_dir", "only_non_images", "undecodable"):
-        data = str(tmp_path / "data")
-        os.makedirs(data)
-        if case == "only_non_images":
-            open(os.path.join(data, ".DS_Store"), "wb").write(b"\0\1junk")
-            open(os.path.join(data, "notes.txt"), "w").write("not an image")
-        if case == "undecodable":
-            open(os.path.join(data, ".DS_Store"), "wb").write(b"\0\1junk")
-            open(os.path.join(data, "broken.png"), "wb").write(b"\x89PNG\r\n\x1a\n garbage")
-    elif case == "token_in_vocab":
-        overrides["placeholder_token"] = "cat"
-    elif case == "multi_token_initializer":
-        overrides["initializer_token"] = "toy robot"
-    elif case == "num_vectors_0":
-        overrides["num_vectors"] = 0
-    elif case == "resolution_not_8":
-        overrides["resolution"] = 60
-    elif case == "missing_checkpoint":
-        overrides["resume_from_checkpoint"] = "checkpoint-1500"
-    elif case == "xformers":
-        overrides["enable_xformers_memory_efficient_attention"] = True
-    out = str(tmp_path / "out")
-    result = run_script(base_args(tiny_pipeline, data, out, **overrides))
-    line = _error_line(result)
-    assert line.startswith("textual_inversion.py: error:") and expected in line, result.stderr[-2000:]
-    if case == "undecodable":
-        assert "broken.png" in line
-    leftovers = [f for f in os.listdir(out)] if os.path.isdir(out) else []
-    assert leftovers == [], leftovers
-
-
-def test_non_image_files_are_skipped(tiny_pipeline, tmp_path):
-    data = write_images(tmp_path / "data", count=3)
-    open(os.path.join(data, ".DS_Store"), "wb").write(b"\0\1junk")
-    open(os.path.join(data, "README.txt"), "w").write("notes")
-    out = str(tmp_path / "out")
-    result = run_script(base_args(tiny_pipeline, data, out, max_train_steps=1))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "images = 3" in result.stderr
