@@ -138,5 +138,13 @@ def tiny_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_pipeline(tmp_path_factory):
+    """A random-weight tiny SDXL pipeline folder: text_encoder 32 wide, text_encoder_2 48 wide (built once per session)."""
+    from tools.make_tiny_pipeline import make_pipeline
+
+    return make_pipeline(str(tmp_path_factory.mktemp("pipelines") / "tiny-sdxl"), size="tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
 def train_images(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("data") / "images")

@@ -71,7 +71,8 @@ class Models:
 def load_models(args):
     """The models of --pretrained_model_name_or_path (an SD-1.x/2.x or an SDXL pipeline)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTokenizer
+
+    from textual_inversion_core.tokenizer_files import load_clip_tokenizer
 
     model = args.pretrained_model_name_or_path
     if os.path.exists(model) and not os.path.isfile(os.path.join(model, "model_index.json")) \
@@ -84,9 +85,9 @@ def load_models(args):
         tokenizers = []
         for i, folder in enumerate(TOKENIZER_FOLDERS[family]):
             if args.tokenizer_name and i == 0:  # --tokenizer_name replaces the first tokenizer, as in diffusers
-                tokenizers.append(CLIPTokenizer.from_pretrained(args.tokenizer_name, **common))
+                tokenizers.append(load_clip_tokenizer(args.tokenizer_name, **common))
             else:
-                tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder=folder, **common))
+                tokenizers.append(load_clip_tokenizer(model, subfolder=folder, **common))
         noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **common)
         text_encoders = [load_text_encoder(args, folder) for folder in TEXT_ENCODER_FOLDERS[family]]
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", variant=args.variant, **common)

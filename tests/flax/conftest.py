@@ -8,9 +8,9 @@ import pytest
 
 # tests/ holds helpers.py; pytest puts only this folder on sys.path when it runs tests/flax alone.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import tiny_pipeline, train_images  # noqa: E402
+from helpers import tiny_pipeline, tiny_sdxl_pipeline, train_images  # noqa: E402
 
-__all__ = ["tiny_pipeline", "train_images"]
+__all__ = ["tiny_pipeline", "tiny_sdxl_pipeline", "train_images"]
 
 
 @pytest.fixture(scope="session")
