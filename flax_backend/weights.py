@@ -252,15 +252,16 @@ def noise_schedule(folder):
 def load_models(args, folder, weight_dtype):
     """(family, tokenizers, noise_scheduler, scheduler_state, scheduler_config, {component: (model, params, note)})."""
     import jax.numpy as jnp
-    from transformers import CLIPTokenizer
+
+    from textual_inversion_core.tokenizer_files import load_clip_tokenizer
 
     family = model_family(folder)
     tokenizers = []
     for i, sub in enumerate(TOKENIZERS[family]):
         name = args.tokenizer_name if args.tokenizer_name and i == 0 else os.path.join(folder, sub)
         try:
-            tokenizers.append(CLIPTokenizer.from_pretrained(name, revision=args.revision if args.tokenizer_name and i == 0
-                                                            else None))
+            tokenizers.append(load_clip_tokenizer(name, revision=args.revision if args.tokenizer_name and i == 0
+                                                  else None))
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             raise UserError(f"cannot load the tokenizer ({first}); check --pretrained_model_name_or_path / "

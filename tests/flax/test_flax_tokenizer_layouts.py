@@ -1,0 +1,95 @@
+"""The Flax trainer (transformers 4.57) reads a tokenizer saved by transformers 5, which keeps only tokenizer.json:
+transformers 4.57's CLIPTokenizer needs vocab.json + merges.txt, so such a folder gets CLIPTokenizerFast, with the
+same ids, placeholder tokens and refusals. A tokenizer folder with neither layout is one line naming what is missing."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import textual_inversion_flax as ti_flax
+from helpers import flax_base_args, read_vectors, run_torch_python
+from textual_inversion_core.errors import UserError
+from textual_inversion_core.tokenizer_files import load_clip_tokenizer
+from textual_inversion_core.tokens import add_placeholder_tokens
+
+PROMPTS = ["a photo of a toy", "A Painting in the style of <cat-toy>, café naïve!!", "rock'n'roll don't",
+           "  extra   spaces\tand\nnewlines ", "x" * 300]
+
+
+def resave_tokenizers_with_transformers5(pipeline, destination, folders=("tokenizer",)):
+    """A copy of pipeline whose tokenizer folders are what transformers 5 (.venv) saves: tokenizer.json, no vocab.json."""
+    shutil.copytree(pipeline, destination)
+    for folder in folders:
+        shutil.rmtree(os.path.join(destination, folder))
+        names = run_torch_python(
+            "import json, os, sys\n"
+            "from transformers import CLIPTokenizer\n"
+            "CLIPTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])\n"
+            "print(json.dumps(sorted(os.listdir(sys.argv[2]))))\n",
+            os.path.join(pipeline, folder), os.path.join(destination, folder))
+        assert "tokenizer.json" in names and "vocab.json" not in names and "merges.txt" not in names, names
+    return str(destination)
+
+
+@pytest.fixture(scope="module")
+def json_only_pipeline(tiny_pipeline, tmp_path_factory):
+    return resave_tokenizers_with_transformers5(tiny_pipeline, tmp_path_factory.mktemp("layouts") / "json-only")
+
+
+def refusals(tokenizer_folder):
+    """The lines add_placeholder_tokens refuses with, for a fresh tokenizer of the folder each time."""
+    lines = []
+    for placeholder, initializer in [("toy", "toy"), ("<|endoftext|>", "toy"), ("<cat-toy>", "toyotacorollahatchback")]:
+        with pytest.raises(UserError) as info:
+            add_placeholder_tokens(load_clip_tokenizer(tokenizer_folder), placeholder, 1, initializer)
+        lines.append(str(info.value))
+    return lines
+
+
+def test_tokenizer_json_alone_tokenizes_as_vocab_json(tiny_pipeline, json_only_pipeline):
+    slow = load_clip_tokenizer(os.path.join(tiny_pipeline, "tokenizer"))
+    fast = load_clip_tokenizer(os.path.join(json_only_pipeline, "tokenizer"))
+    assert (type(slow).__name__, type(fast).__name__) == ("CLIPTokenizer", "CLIPTokenizerFast")
+    assert len(slow) == len(fast) == 49408 and fast.model_max_length == 77
+    for prompt in PROMPTS:
+        assert slow(prompt, padding="max_length", truncation=True, max_length=77).input_ids == \
+            fast(prompt, padding="max_length", truncation=True, max_length=77).input_ids, prompt
+    assert add_placeholder_tokens(slow, "<cat-toy>", 3, "toy") == add_placeholder_tokens(fast, "<cat-toy>", 3, "toy") \
+        == ([49408, 49409, 49410], [5988])
+    assert fast("a <cat-toy>_1 toy").input_ids == slow("a <cat-toy>_1 toy").input_ids == [49406, 320, 49409, 5988, 49407]
+    assert refusals(os.path.join(tiny_pipeline, "tokenizer")) == refusals(os.path.join(json_only_pipeline, "tokenizer"))
+
+
+def test_sdxl_tokenizers_saved_by_transformers5_load(tiny_sdxl_pipeline, tmp_path):
+    folder = resave_tokenizers_with_transformers5(tiny_sdxl_pipeline, tmp_path / "sdxl", ("tokenizer", "tokenizer_2"))
+    first = load_clip_tokenizer(folder, subfolder="tokenizer")
+    second = load_clip_tokenizer(folder, subfolder="tokenizer_2")
+    assert type(second).__name__ == "CLIPTokenizerFast"
+    assert (first.pad_token_id, second.pad_token, second.pad_token_id) == (49407, "!", 0)
+    assert second("a toy", padding="max_length", max_length=6).input_ids == [49406, 320, 5988, 49407, 0, 0]
+
+
+def test_trainer_gives_the_same_vectors_from_tokenizer_json_alone(tiny_pipeline, json_only_pipeline, train_images,
+                                                                 compile_cache, tmp_path):
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", compile_cache)
+    learned = []
+    for model in (json_only_pipeline, tiny_pipeline):
+        out = str(tmp_path / f"out-{len(learned)}")
+        assert ti_flax.main(flax_base_args(model, train_images, out, max_train_steps=2)) == 0
+        learned.append(read_vectors(os.path.join(out, "learned_embeds.safetensors")))
+    np.testing.assert_array_equal(learned[0], learned[1])
+
+
+def test_trainer_refuses_a_tokenizer_folder_with_neither_layout(tiny_pipeline, train_images, tmp_path):
+    model = str(tmp_path / "model")
+    shutil.copytree(tiny_pipeline, model)
+    os.unlink(os.path.join(model, "tokenizer", "merges.txt"))
+    with pytest.raises(UserError) as info:
+        ti_flax.main(flax_base_args(model, train_images, str(tmp_path / "out")))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("no tokenizer in "), message
+    assert os.path.join(model, "tokenizer") in message and "missing merges.txt" in message, message
