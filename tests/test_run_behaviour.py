@@ -7,8 +7,9 @@ import os
 import signal
 
 import numpy as np
-from helpers import base_args, read_vectors, run_script
 from safetensors.numpy import load_file
+
+from helpers import base_args, read_vectors, run_script
 
 
 def _tensorboard_image_steps(log_dir):

@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, base_args, read_vectors, run_script
 from safetensors.numpy import load_file
 
+from helpers import REPO, base_args, read_vectors, run_script
 from textual_inversion_core import checkpoints
 
 SDXL_SCRIPT = os.path.join(REPO, "textual_inversion_sdxl.py")

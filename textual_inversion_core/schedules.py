@@ -1,8 +1,8 @@
 """Learning-rate schedules as plain functions of the optimizer step.
 
 Both trainers read their learning rates from lr_table (PyTorch sets each step's rate on the
-optimizer, JAX indexes the table inside optax), so a run has the same learning rates in either framework. The formulas are those of diffusers.optimization,
-which a test checks value by value.
+optimizer, JAX indexes the table inside optax), so a run has the same learning rates in either
+framework. The formulas are those of diffusers.optimization, which a test checks value by value.
 """
 
 import math

@@ -7,8 +7,9 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import TORCH_PYTHON, TORCH_SCRIPT, flax_base_args, read_vectors, run_flax, run_script
 from safetensors.numpy import load_file
+
+from helpers import TORCH_PYTHON, TORCH_SCRIPT, flax_base_args, read_vectors, run_flax, run_script
 
 STEPS = 4
 SETTINGS = dict(max_train_steps=STEPS, checkpointing_steps=2, save_steps=2, num_vectors=2)
@@ -79,7 +80,7 @@ def test_sdxl_loss_and_gradients_equal_pytorch(tiny_sdxl_pipeline):
     import jax
     import jax.numpy as jnp
     import torch
-    from diffusers import DDPMScheduler, FlaxDDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from flax_backend import model as flax_model
