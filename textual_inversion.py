@@ -9,6 +9,8 @@ trainable; everything else is frozen. VAE posteriors are cached per (image, flip
 encoder runs once per image instead of once per step. All randomness of an example (image order,
 flip, template, posterior sample, noise, timestep) is keyed by its global index, which makes
 resuming exact and a run on N processes equal to one process with the same global batch.
+An SDXL pipeline (a second text encoder, text_encoder_2) is recognised from its folder: both
+tokenizers get the placeholder tokens and each text encoder its own trainable vectors.
 The step arithmetic, checkpoints and the loop's bookkeeping are textual_inversion_core.run, shared
 with textual_inversion_flax.py; the PyTorch parts are in torch_backend/.
 """
@@ -44,8 +46,8 @@ def check_xformers(args):
                         "drop the flag on this machine (PyTorch SDPA attention is used by default)")
 
 
-def main(argv=None):
-    args = parse_args(argv, prog="textual_inversion.py")
+def main(argv=None, prog="textual_inversion.py"):
+    args = parse_args(argv, prog=prog)
 
     # ---- Checks that need no model: fail in seconds, not after importing torch and loading gigabytes.
     check_xformers(args)
@@ -145,13 +147,12 @@ def main(argv=None):
         accelerator.init_trackers("textual_inversion", config=config)
 
     latents = run.LatentCache(dataset, tm.encode_posteriors(vae, device), on_full=lambda: tm.free_vae_encoder(vae))
-    latent_shape = run.latent_shape(args.resolution, vae.config)
     num_timesteps = models.noise_scheduler.config.num_train_timesteps
 
-    def batch_for(step):
+    def batch_for(step):  # with buckets the latent shape is the step's bucket's
         batch = run.host_batch(plan, dataset, latents, seed, step, accelerator.process_index)
-        return [tm.device_batch(batch, micro, prompt_ids, latent_shape, num_timesteps, vae.config.scaling_factor,
-                                device) for micro in range(plan.accumulation)]
+        return [tm.device_batch(batch, micro, prompt_ids, num_timesteps, vae.config.scaling_factor, device)
+                for micro in range(plan.accumulation)]
 
     def interrupted_anywhere(stop):
         flag = torch.tensor([float(stop.requested)], device=device)
@@ -164,7 +165,8 @@ def main(argv=None):
         """The learned vectors as the output files take them: one array, or SDXL's {"clip_l", "clip_g"}."""
         return run.output_vectors(host_sets())
 
-    run.log_start(logger, plan, dataset, seed, f"processes = {plan.num_devices}")
+    run.log_start(logger, plan, dataset, seed,
+                  f"processes = {plan.num_devices}, model = {run.describe_encoders(len(vector_sets))}")
     progress = tqdm(range(plan.max_train_steps), initial=step, desc="Steps", disable=not accelerator.is_local_main_process)
     losses = run.LossLog()
 

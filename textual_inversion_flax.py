@@ -148,8 +148,8 @@ def main(argv=None):
     latents = run.LatentCache(dataset, fm.encode_posteriors(vae, vae_params))
     loss_fn = fm.make_denoising_loss([models[name] for name in encoder_names], models["unet"], noise_scheduler,
                                      [ids for ids, _ in added], weight_dtype)
+    # The latent shape comes with each batch: with buckets pmap compiles the step once per bucket shape.
     train_step = jax.pmap(fm.make_train_step(loss_fn, optimizer, float(vae.config.scaling_factor),
-                                             run.latent_shape(args.resolution, vae.config),
                                              int(noise_scheduler.config.num_train_timesteps)),
                           axis_name="batch", donate_argnums=(0,))  # all hosts' devices: pmean spans them
     # Inputs laid out exactly as pmap lays out its outputs (same mesh axis name), so that step 2
@@ -164,7 +164,8 @@ def main(argv=None):
         batch = run.host_batch(plan, dataset, latents, seed, step, process * len(devices), len(devices))
         batch = {"mean": batch["mean"], "std": batch["std"], "ids": prompt_ids[batch["prompt"]],
                  "keys": np.stack([np.stack([fm.raw_prng_key(s) for s in row]) for row in batch["noise_seed"]]),
-                 **({"time_ids": batch["time_ids"].astype(np.float32)} if family == "sdxl" else {})}
+                 **({"time_ids": batch["time_ids"].astype(np.float32)} if family == "sdxl" else {}),
+                 **({"mask": batch["mask"]} if "mask" in batch else {})}  # the masked loss's weights
         shape = (plan.accumulation, len(devices), plan.per_device_batch)
         return {k: jax.device_put(np.swapaxes(v.reshape(shape + v.shape[2:]), 0, 1), device_split)
                 for k, v in batch.items()}
@@ -192,7 +193,8 @@ def main(argv=None):
     validator = None
     logger.info("  frozen weights %s, learned vectors float32, VAE float32", jnp.dtype(weight_dtype).name)
     run.log_start(logger, plan, dataset, seed,
-                  f"hosts = {num_processes}, devices = {plan.num_devices} (local {len(devices)})")
+                  f"hosts = {num_processes}, devices = {plan.num_devices} (local {len(devices)}), "
+                  f"model = {run.describe_encoders(len(encoder_names))}")
     progress = tqdm(range(plan.max_train_steps), initial=step, desc="Steps", disable=not is_main)
     losses = run.LossLog()
 

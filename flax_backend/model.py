@@ -79,7 +79,7 @@ def make_denoising_loss(text_encoders, unet, noise_scheduler, placeholder_id_set
         hidden = jnp.concatenate([outputs[0].hidden_states[-2], outputs[1].hidden_states[-2]], axis=-1)
         return hidden, outputs[1].text_embeds
 
-    def loss(vector_sets, params, scheduler_state, latents, noise, timesteps, input_id_sets, time_ids=None):
+    def loss(vector_sets, params, scheduler_state, latents, noise, timesteps, input_id_sets, time_ids=None, mask=None):
         hidden, pooled = encode(vector_sets, params, input_id_sets)
         added = None
         if pooled is not None:
@@ -89,9 +89,21 @@ def make_denoising_loss(text_encoders, unet, noise_scheduler, placeholder_id_set
             pred = unet.apply({"params": params["unet"]}, noisy.astype(weight_dtype), timesteps,
                               hidden.astype(weight_dtype), added_cond_kwargs=added).sample
         target = noise_scheduler.get_velocity(scheduler_state, latents, noise, timesteps) if v_prediction else noise
+        if mask is not None:
+            return masked_mse(pred, target, mask)
         return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
 
     return loss
+
+
+def masked_mse(prediction, target, mask):
+    """The masked loss, as torch_backend.model.masked_mse: per example sum(w * err^2) / sum(w) with mask
+    [batch, 1, h, w] broadcast over the latent channels, then the mean over examples (so D devices still
+    equal one). A weight of 0 gives that latent pixel no gradient; all ones equals the plain mean."""
+    weights = jnp.broadcast_to(mask.astype(jnp.float32), prediction.shape)
+    error = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+    axes = tuple(range(1, prediction.ndim))
+    return jnp.mean(jnp.sum(weights * error, axis=axes) / jnp.maximum(jnp.sum(weights, axis=axes), 1e-12))
 
 
 def raw_prng_key(seed64):
@@ -111,25 +123,26 @@ def draw_example_randomness(key, latent_shape, num_timesteps):
 
 
 
-def make_train_step(loss_fn, optimizer, scaling_factor, latent_shape, num_timesteps):
+def make_train_step(loss_fn, optimizer, scaling_factor, num_timesteps):
     """The pure step train_step(state, frozen, batch) -> (state, loss), to be pmapped over axis "batch".
 
     frozen = {"text_encoder": params, ["text_encoder_2": params,] "unet": params, "scheduler": scheduler
     state}. batch arrays are [accumulation, batch, ...] ("ids": [..., text encoders, 77]); gradients are
     averaged over micro-batches, then pmean-ed over devices, which makes D devices x B equal one device x D*B.
     """
-    draw = jax.vmap(lambda k: draw_example_randomness(k, latent_shape, num_timesteps))
+    def draw(keys, shape):  # shape: the batch's latent shape (--resolution's, or with buckets the step's bucket's)
+        return jax.vmap(lambda k: draw_example_randomness(k, shape, num_timesteps))(keys)
 
     def train_step(state, frozen, batch):
         params = {k: v for k, v in frozen.items() if k != "scheduler"}
 
         def micro(carry, mb):
             grad_sum, loss_sum = carry
-            eps, noise, timesteps = draw(mb["keys"])
+            eps, noise, timesteps = draw(mb["keys"], mb["mean"].shape[1:])
             latents = (mb["mean"] + mb["std"] * eps) * scaling_factor
             id_sets = tuple(mb["ids"][:, i] for i in range(mb["ids"].shape[1]))
             loss, grad = jax.value_and_grad(loss_fn)(state.vectors, params, frozen["scheduler"], latents, noise,
-                                                     timesteps, id_sets, mb.get("time_ids"))
+                                                     timesteps, id_sets, mb.get("time_ids"), mb.get("mask"))
             return (jax.tree.map(jnp.add, grad_sum, grad), loss_sum + loss), None
 
         zeros = (jax.tree.map(jnp.zeros_like, state.vectors), jnp.zeros((), jnp.float32))

@@ -77,6 +77,32 @@ def build_parser(prog=None, description=None):
         help="(ours; kohya's recursive) Also train on the images in subfolders of --train_data_dir (hidden folders "
              "and --output_dir excepted). Without it they are left out, with a warning.")
 
+    # Aspect-ratio buckets and masked loss (see README "Aspect-ratio buckets" and "Masked loss"). All off by
+    # default: without them every image is resized to the --resolution square and the loss is diffusers' MSE.
+    add("--enable_bucket", action="store_true",
+        help="(kohya) Train each image at the aspect ratio nearest its own instead of squashing it to a square: "
+             "buckets of about --resolution x --resolution pixels, each image resized to cover its bucket and "
+             "cropped to it (centred, or --random_crop); every optimizer step draws its whole batch from one bucket.")
+    add("--min_bucket_reso", type=int, default=256,
+        help="(kohya) Shortest bucket side in pixels, a multiple of --bucket_reso_steps.")
+    add("--max_bucket_reso", type=int, default=1024,
+        help="(kohya) Longest bucket side in pixels, a multiple of --bucket_reso_steps.")
+    add("--bucket_reso_steps", type=int, default=64,
+        help="(kohya) Bucket sides are multiples of this many pixels: a multiple of 8 (the VAE's factor); 64 keeps the "
+             "latents divisible by SD's UNet.")
+    add("--random_crop", action="store_true",
+        help="(kohya) Crop each example at a random place (multiples of 8 px) instead of the centre: within the bucket "
+             "with --enable_bucket, otherwise a random --resolution square of the image resized to it on its short side.")
+    add("--masked_loss", action="store_true",
+        help="(kohya) Weight the loss per latent pixel by a mask image from --mask_dir (white trains, black is left "
+             "out), so the background does not go into the embedding.")
+    add("--mask_dir", type=str, default=None,
+        help="(ours; kohya reads masks from conditioning_data_dir) Folder of the --masked_loss masks: one grayscale "
+             "image per training image, same file name (any image extension), same size.")
+    add("--alpha_mask", action="store_true",
+        help="(kohya) Weight the loss by each image's alpha channel (transparent: left out); turns on the masked loss. "
+             "The pixels are still composited over white, as without the flag.")
+
     # Output
     add("--output_dir", type=str, default="text-inversion-model",
         help="Where embeddings, checkpoints, logs and validation images are written.")
@@ -211,7 +237,35 @@ def check_args(args):
     args.export_formats = formats
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise UserError(f"--validation_epochs must be at least 1, got {args.validation_epochs}")
+    check_bucket_and_mask_args(args)
     return args
+
+
+def check_bucket_and_mask_args(args):
+    """--enable_bucket, --random_crop and the masked-loss flags (README "Aspect-ratio buckets", "Masked loss")."""
+    if args.random_crop and args.center_crop:
+        raise UserError("--random_crop and --center_crop ask for two different crops; pass one of them")
+    if args.enable_bucket:
+        step, low, high = args.bucket_reso_steps, args.min_bucket_reso, args.max_bucket_reso
+        if step < 8 or step % 8:
+            raise UserError(f"--bucket_reso_steps must be a positive multiple of 8 (the VAE's factor), got {step}; "
+                            "64 is kohya's default")
+        for name, value in (("min_bucket_reso", low), ("max_bucket_reso", high)):
+            if value < step or value % step:
+                raise UserError(f"--{name} {value} is not a multiple of --bucket_reso_steps {step}; use "
+                                f"{max(step, value // step * step)}")
+        if not low <= args.resolution <= high:
+            raise UserError(f"--resolution {args.resolution} is outside the bucket sides --min_bucket_reso {low} to "
+                            f"--max_bucket_reso {high}; set them around it (e.g. {max(step, args.resolution // 2 // step * step)}"
+                            f" and {args.resolution * 2 // step * step})")
+    if args.masked_loss and args.alpha_mask:
+        raise UserError("--masked_loss takes masks from --mask_dir, --alpha_mask from the images' alpha channel; "
+                        "pass one of them")
+    if args.masked_loss and not args.mask_dir:
+        raise UserError("--masked_loss needs --mask_dir, the folder with one mask image per training image "
+                        "(or pass --alpha_mask to use the images' transparency)")
+    if args.mask_dir and not args.masked_loss:
+        raise UserError("--mask_dir is only read with --masked_loss; add --masked_loss")
 
 
 def parse_args(argv=None, prog=None, description=None):

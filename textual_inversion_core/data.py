@@ -12,6 +12,7 @@ keyed template draw to that image's row. Without them the rows are the built-in 
 
 import collections
 import concurrent.futures
+import math
 import os
 import re
 import warnings
@@ -81,6 +82,8 @@ IMAGE_EXTENSIONS = {
 
 # Streams of per-example randomness; framework code draws noise/timesteps from its own streams.
 STREAM_ORDER, STREAM_AUGMENT, STREAM_NOISE = 0, 1, 2
+# Order of the global batches over aspect-ratio buckets (only with more than one bucket in use).
+STREAM_BUCKETS = 3
 
 # Placeholders of --prompt_template_file lines: ours first, then AUTOMATIC1111's spelling of the same.
 TOKEN_PLACEHOLDERS = ("{token}", "[name]")
@@ -94,6 +97,15 @@ _LEADING_NUMBER = re.compile(r"^\d+(?:[-_.\s]+|$)")
 SMALL_IMAGE_FACTOR = 2.0
 # How many file names a one-line warning quotes before "and N more".
 NAMES_SHOWN = 5
+# Random crops start on multiples of this many pixels: one latent pixel of SD's VAE (factor 8), and few
+# distinct crops per image, so the latent cache (one VAE encode per image, flip and crop) stays small.
+CROP_STEP = 8
+EXIF_ORIENTATION = 0x0112  # values 5-8 turn the picture by 90 degrees: width and height swap
+
+
+# One drawn example: image index, mirrored or not, prompt row, and the (top, left) of its bucket crop (None
+# without buckets).
+Example = collections.namedtuple("Example", "image flipped prompt crop")
 
 
 def templates_for(learnable_property):
@@ -271,6 +283,165 @@ def _decode_image(path, resolution, center_crop):
     return np.asarray(image, dtype=np.uint8).copy(), original_size
 
 
+def _centre_square(size):
+    width, height = size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def _fit_weights(weights, center_crop, target):
+    """A float32 [H, W] weight map given the picture's geometry (centre square if asked, then target
+    (width, height)); resized by area averaging (BOX), so weights stay in [0, 1]."""
+    image = Image.fromarray(np.ascontiguousarray(weights, dtype=np.float32))
+    if center_crop:
+        image = image.crop(_centre_square(image.size))
+    return np.asarray(image.resize(target, resample=Image.Resampling.BOX), dtype=np.float32).copy()
+
+
+def _decode_training_image(path, size, center_crop, buckets, want_alpha):
+    """(pixels, alpha weights or None, original (width, height) after EXIF rotation, bucket index or None).
+
+    Without buckets: load_image's pixels exactly ([size, size, 3]). With buckets: the picture resized
+    (bicubic, aspect ratio kept) to cover its nearest bucket; the crop to the bucket is taken per example.
+    """
+    draft = size if buckets is None else max(max(b) for b in buckets)
+    with Image.open(path) as image:
+        file_size = image.size
+        if image.format == "JPEG":
+            image.draft("RGB", (draft * 2, draft * 2))
+        image.load()
+        turned = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+        image = ImageOps.exif_transpose(image)
+        alpha = _alpha_of(image) if want_alpha else None
+        image = _to_rgb(image)
+    original = (file_size[1], file_size[0]) if turned else file_size
+    bucket = None
+    if buckets is None:
+        target, square = (size, size), center_crop
+        if center_crop:
+            image = image.crop(_centre_square(image.size))
+    else:
+        bucket = nearest_bucket(original, buckets)
+        target, square = cover_size(original, buckets[bucket]), False
+    image = image.resize(target, resample=Image.Resampling.BICUBIC)
+    if alpha is not None:
+        alpha = _fit_weights(np.asarray(alpha, dtype=np.float32) / 255.0, square, target)
+    return np.asarray(image, dtype=np.uint8).copy(), alpha, original, bucket
+
+
+# --------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets, crops and masks
+
+
+def bucket_resolutions(resolution, min_reso, max_reso, step):
+    """The (width, height) buckets: both sides multiples of step within [min_reso, max_reso], each about
+    resolution x resolution pixels (never more), with every shape also turned by 90 degrees.
+
+    For each width w from min_reso up to resolution the height is the largest multiple of step with
+    w * height <= resolution**2; a bucket whose longer side would pass max_reso is left out.
+    """
+    area = resolution * resolution
+    found = set()
+    for width in range(min_reso, resolution + 1, step):
+        height = area // width // step * step
+        if width <= height <= max_reso:
+            found.update({(width, height), (height, width)})
+    if not found:  # --resolution below a step: the one square bucket under it
+        side = max(step, resolution // step * step)
+        found.add((side, side))
+    return sorted(found, key=lambda wh: (wh[0] / wh[1], wh[0]))
+
+
+def nearest_bucket(size, buckets):
+    """Index of the bucket whose aspect ratio is closest to size's (width, height): the smallest
+    |log(bucket ratio / image ratio)|, so a 2:1 and a 1:2 picture are treated alike; a tie goes to the
+    larger bucket, then the narrower one."""
+    width, height = size
+    ratio = math.log(width / height)
+    return min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - ratio),
+                                                    -buckets[i][0] * buckets[i][1], buckets[i][0]))
+
+
+def cover_size(size, bucket):
+    """(width, height) the picture is resized to before its crop: the smallest size, aspect ratio kept,
+    that covers the bucket; one side equals the bucket's, the other is at least as long."""
+    (width, height), (bucket_w, bucket_h) = size, bucket
+    scale = max(bucket_w / width, bucket_h / height)
+    return max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
+
+
+def crop_offsets(resized, bucket, random_crop):
+    """The (top, left) corners a bucket-sized crop of the resized picture may take: the centred one, or
+    with random_crop every multiple of CROP_STEP along the spare side and the far edge."""
+    (width, height), (bucket_w, bucket_h) = resized, bucket
+    if not random_crop:
+        return [((height - bucket_h) // 2, (width - bucket_w) // 2)]
+
+    def starts(spare):
+        return sorted(set(range(0, spare + 1, CROP_STEP)) | {spare})
+
+    return [(top, left) for top in starts(height - bucket_h) for left in starts(width - bucket_w)]
+
+
+def area_average(mask, shape):
+    """A [H, W] weight map averaged over equal blocks down to shape (h, w): the latent pixel's weight is
+    the mean weight of the picture pixels it encodes. H and W must be multiples of h and w."""
+    height, width = mask.shape
+    rows, columns = shape
+    if height % rows or width % columns:
+        raise ValueError(f"a {width}x{height} mask does not divide into a {columns}x{rows} latent grid")
+    return mask.reshape(rows, height // rows, columns, width // columns).mean(axis=(1, 3), dtype=np.float64) \
+        .astype(np.float32)
+
+
+def _alpha_of(image):
+    """The picture's transparency as an 'L' image, or None when it has none."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        return image.convert("RGBA").getchannel("A")
+    return None
+
+
+def read_mask(path, expected_size, image_name):
+    """A mask image as float32 [height, width] weights in [0, 1] (read as grayscale: white trains, black is
+    left out); it must have its picture's size (after EXIF rotation, as the picture is read)."""
+    try:
+        with Image.open(path) as mask:
+            mask.load()
+            mask = ImageOps.exif_transpose(mask)
+            if mask.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                mask = _to_rgb(mask)
+            mask = mask.convert("L")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot read mask {path!r} ({reason}); re-save it as a grayscale PNG") from None
+    if mask.size != tuple(expected_size):
+        raise UserError(f"mask {path!r} is {mask.size[0]}x{mask.size[1]} but its image {image_name} is "
+                        f"{expected_size[0]}x{expected_size[1]}; a mask must have its image's size")
+    return np.asarray(mask, dtype=np.float32) / 255.0
+
+
+def find_masks(mask_dir, image_paths, data_root):
+    """The mask file of each image (None where there is none): the file in mask_dir at the image's path
+    relative to --train_data_dir, with the same name; any image extension (photo1.jpg -> photo1.png)."""
+    if not os.path.isdir(mask_dir):
+        raise UserError(f"--mask_dir {mask_dir!r} is not a folder; give the folder that holds one mask per image")
+    found = []
+    for path in image_paths:
+        relative = os.path.relpath(path, data_root)
+        same = os.path.join(mask_dir, relative)
+        if os.path.isfile(same):
+            found.append(same)
+            continue
+        stem, folder = os.path.splitext(os.path.basename(relative))[0], os.path.join(mask_dir, os.path.dirname(relative))
+        names = sorted(n for n in os.listdir(folder) if os.path.splitext(n)[0] == stem
+                       and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS) if os.path.isdir(folder) else []
+        found.append(os.path.join(folder, names[0]) if names else None)
+    return found
+
+
 def find_images(train_data_dir, recursive=False, caption_extension=None, exclude_dirs=()):
     """Sorted image files of a folder; with recursive, then those of its subfolders, folder by folder.
 
@@ -347,12 +518,27 @@ class TextualInversionDataset:
     def __init__(self, data_root, tokenizer=None, placeholder_string=None, learnable_property="object", size=512,
                  repeats=100, flip_p=0.5, center_crop=False, seed=0, num_workers=0, skip_bad_images=False,
                  placeholder_token=None, caption_extension=None, caption_from_filename=False,
-                 prompt_template_file=None, recursive=False, exclude_dirs=()):
+                 prompt_template_file=None, recursive=False, exclude_dirs=(), enable_bucket=False, min_bucket_reso=256,
+                 max_bucket_reso=1024, bucket_reso_steps=64, random_crop=False, alpha_mask=False, mask_dir=None):
         self.size = size
         self.flip_p = flip_p
         self.seed = int(seed)
         self.placeholder_string = placeholder_string
         self.data_root = data_root
+        self.repeats = repeats
+        self.center_crop, self.random_crop, self.enable_bucket = center_crop, random_crop, enable_bucket
+        # Buckets: the (width, height) shapes pictures are fitted to. --random_crop alone is one square bucket
+        # (the short side resized to --resolution, a random square of it). None: diffusers' square resize.
+        self.buckets = None
+        if enable_bucket:
+            self.buckets = bucket_resolutions(size, min_bucket_reso, max_bucket_reso, bucket_reso_steps)
+            if len(self.buckets) == 1:
+                _warn(f"--enable_bucket: with --resolution {size}, --min_bucket_reso {min_bucket_reso} and "
+                      f"--max_bucket_reso {max_bucket_reso} the only bucket is the square; widen the range (e.g. "
+                      f"--max_bucket_reso {2 * size}) for other aspect ratios")
+        elif random_crop:
+            self.buckets = [(size, size)]
+        self.bucket_settings = (min_bucket_reso, max_bucket_reso, bucket_reso_steps)
         caption_extension = normalize_caption_extension(caption_extension)
         # Read the template file first: its mistakes are reported before any image is decoded.
         templates = read_prompt_templates(prompt_template_file) if prompt_template_file else None
@@ -361,13 +547,28 @@ class TextualInversionDataset:
             raise UserError(f"--prompt_template_file {prompt_template_file!r} uses {{caption}} (or [filewords]) but no "
                             "captions are read; pass --caption_extension .txt or --caption_from_filename, or remove "
                             "the placeholder")
+        if mask_dir and os.path.isdir(mask_dir) and os.path.realpath(mask_dir) == os.path.realpath(data_root):
+            raise UserError(f"--mask_dir {mask_dir!r} is --train_data_dir itself; put the masks in a folder of their own "
+                            "(same file names as the images)")
         paths = find_images(data_root, recursive=recursive, caption_extension=caption_extension,
-                            exclude_dirs=exclude_dirs)
-        images, self.image_paths = self._decode_all(paths, size, center_crop, num_workers, skip_bad_images, data_root)
-        self._images = images
-        self.num_images = len(images)
+                            exclude_dirs=list(exclude_dirs) + ([mask_dir] if mask_dir else []))
+        decoded, self.image_paths = self._decode_all(paths, center_crop, num_workers, skip_bad_images, alpha_mask)
+        self._images = [pixels for pixels, _, _, _ in decoded]
+        self.original_sizes = [original for _, _, original, _ in decoded]  # (width, height), EXIF rotation applied
+        self.num_images = len(self._images)
         self.num_examples = self.num_images * repeats
-        self._order_cache = {}
+        self._order_cache, self._bucket_cache = {}, {}
+        self._bucket_of, self._crops = None, None
+        if self.buckets is not None:
+            self._bucket_of = [bucket for _, _, _, bucket in decoded]
+            self._crops = [crop_offsets((image.shape[1], image.shape[0]), self.buckets[bucket], random_crop)
+                           for image, bucket in zip(self._images, self._bucket_of)]
+        self._masks = None  # float32 weights per image, the stored pixels' geometry (None: all ones)
+        if alpha_mask:
+            self._masks = self._alpha_masks([alpha for _, alpha, _, _ in decoded])
+        elif mask_dir:
+            self._masks = self._read_masks(mask_dir)
+        self._latent_masks = {}
         self.captions = self._read_captions(caption_extension, caption_from_filename)
         self._build_prompt_rows(templates, learnable_property, placeholder_token or
                                 (placeholder_string.split()[0] if placeholder_string else None))
@@ -377,6 +578,136 @@ class TextualInversionDataset:
 
     def _name(self, path):
         return os.path.relpath(path, self.data_root)
+
+    # ---- Masks
+
+    @property
+    def has_masks(self):
+        """True when the loss is weighted per latent pixel (--alpha_mask or --masked_loss with --mask_dir)."""
+        return self._masks is not None
+
+    def _alpha_masks(self, alphas):
+        opaque = [self._name(p) for p, a in zip(self.image_paths, alphas) if a is None]
+        if len(opaque) == self.num_images:
+            raise UserError(f"--alpha_mask: none of the {self.num_images} images has an alpha channel; save them as "
+                            "PNG with a transparent background, or use --masked_loss with --mask_dir")
+        if opaque:
+            _warn(f"--alpha_mask: {len(opaque)} of {self.num_images} images have no alpha channel and are trained "
+                  f"unmasked: {_quote_names(opaque)}")
+        self._warn_empty_masks(alphas, "alpha channel is fully transparent")
+        return alphas
+
+    def _read_masks(self, mask_dir):
+        paths = find_masks(mask_dir, self.image_paths, self.data_root)
+        missing = [self._name(p) for p, m in zip(self.image_paths, paths) if m is None]
+        if len(missing) == self.num_images:
+            example = os.path.splitext(os.path.basename(self.image_paths[0]))[0]
+            raise UserError(f"--mask_dir {mask_dir!r}: none of the {self.num_images} images has a mask there (looked for "
+                            f"{example}.png and the like); a mask has its image's file name")
+        if missing:
+            _warn(f"--mask_dir: {len(missing)} of {self.num_images} images have no mask and are trained unmasked: "
+                  f"{_quote_names(missing)}")
+        masks = []
+        for image_index, (path, mask_path) in enumerate(zip(self.image_paths, paths)):
+            if mask_path is None:
+                masks.append(None)
+                continue
+            weights = read_mask(mask_path, self.original_sizes[image_index], self._name(path))
+            image = self._images[image_index]
+            masks.append(_fit_weights(weights, self.center_crop and self.buckets is None,
+                                      (image.shape[1], image.shape[0])))
+        self._warn_empty_masks(masks, "mask is black")
+        return masks
+
+    def _warn_empty_masks(self, masks, what):
+        empty = [self._name(p) for p, m in zip(self.image_paths, masks) if m is not None and not m.any()]
+        if empty:
+            _warn(f"{len(empty)} image(s) train nothing: the {what} everywhere: {_quote_names(empty)}")
+
+    def pixel_mask(self, image_index, flipped, crop=None):
+        """The loss weights [H, W] float32 of an example's picture (crop and flip as pixels()); all ones for an
+        image without a mask."""
+        mask = self._masks[image_index]
+        if mask is None:
+            image = self._images[image_index]
+            height, width = (image.shape[0], image.shape[1]) if crop is None else self._bucket_shape(image_index)
+            return np.ones((height, width), np.float32)
+        if crop is not None:
+            (top, left), (height, width) = crop, self._bucket_shape(image_index)
+            mask = mask[top:top + height, left:left + width]
+        return np.ascontiguousarray(mask[:, ::-1] if flipped else mask)
+
+    def latent_mask(self, key, latent_size):
+        """An example's weights at latent resolution, [1, h, w] float32: pixel_mask area-averaged over the
+        pixels each latent pixel encodes. key is the example's latent-cache key; latent_size is (h, w)."""
+        cache_key = (key, tuple(latent_size))
+        mask = self._latent_masks.get(cache_key)
+        if mask is None:
+            mask = area_average(self.pixel_mask(*key), latent_size)[None]
+            self._latent_masks[cache_key] = mask
+        return mask
+
+    # ---- Buckets
+
+    def _bucket_shape(self, image_index):
+        """(height, width) of the image's bucket."""
+        width, height = self.buckets[self._bucket_of[image_index]]
+        return height, width
+
+    def bucket_counts(self):
+        """{(width, height): number of images} of the buckets that hold images, in bucket order."""
+        counts = collections.Counter(self._bucket_of)
+        return {self.buckets[b]: counts[b] for b in sorted(counts)}
+
+    def bucket_summary(self):
+        """Lines saying which buckets hold how many images (printed once at start)."""
+        counts = self.bucket_counts()
+        if self.enable_bucket:
+            low, high, step = self.bucket_settings
+            head = (f"aspect-ratio buckets: {len(self.buckets)} of about {self.size}x{self.size} pixels (sides "
+                    f"{low}-{high}, multiples of {step}); {len(counts)} hold the {self.num_images} images:")
+        else:
+            head = f"--random_crop: every image in one {self.size}x{self.size} bucket:"
+        lines = [head]
+        for (width, height), count in counts.items():
+            shape = "square" if width == height else "landscape" if width > height else "portrait"
+            lines.append(f"  {width}x{height} ({shape}, {width / height:.2f}): {count} image{'s' if count > 1 else ''}")
+        crop = "random" if self.random_crop else "centred"
+        lines.append(f"  each image is resized to cover its bucket, then cropped to it ({crop} crop)")
+        return lines
+
+    @property
+    def num_latent_keys(self):
+        """How many distinct latent-cache entries the examples can need: image x flip (x crop)."""
+        per_image = [2] * self.num_images if self._crops is None else [2 * len(c) for c in self._crops]
+        return sum(per_image)
+
+    def latent_key(self, example):
+        """The latent-cache key of an Example: (image, flip), with buckets (image, flip, crop)."""
+        if example.crop is None:
+            return example.image, example.flipped
+        return example.image, example.flipped, example.crop
+
+    def time_ids(self, example):
+        """SDXL's micro-conditioning of an example, int64 [original height, original width, crop top, crop
+        left, target height, target width]: the picture's true size (EXIF rotation applied), and where its
+        crop starts in the picture resized so that the crop fits (short side to --resolution without
+        buckets), in the mirrored picture for a flipped example."""
+        width, height = self.original_sizes[example.image]
+        if example.crop is not None:
+            target_h, target_w = self._bucket_shape(example.image)
+            resized = self._images[example.image]
+            (top, left), resized_w = example.crop, resized.shape[1]
+        elif self.center_crop:
+            target_h = target_w = self.size
+            scale = self.size / min(width, height)
+            left_px, top_px, _, _ = _centre_square((width, height))
+            top, left, resized_w = round(top_px * scale), round(left_px * scale), round(width * scale)
+        else:  # the whole picture resized to the square: nothing cut off
+            return np.array([height, width, 0, 0, self.size, self.size], np.int64)
+        if example.flipped:
+            left = max(0, resized_w - target_w - left)
+        return np.array([height, width, top, left, target_h, target_w], np.int64)
 
     def _read_captions(self, caption_extension, caption_from_filename):
         """One caption per kept image ("" when it has none), or None when captions are off.
@@ -492,39 +823,45 @@ class TextualInversionDataset:
         """[num_prompt_rows, max_length] int64 token ids of every prompt."""
         return self._prompt_ids
 
-    @staticmethod
-    def _decode_all(paths, size, center_crop, num_workers, skip_bad_images, data_root):
+    def _decode_all(self, paths, center_crop, num_workers, skip_bad_images, want_alpha):
+        """Decode every image: (list of _decode_training_image results, the paths kept)."""
+        size, buckets = self.size, self.buckets
+
         def decode(path):
             try:
-                return _decode_image(path, size, center_crop), None
+                return _decode_training_image(path, size, center_crop, buckets, want_alpha), None
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-                return (None, None), err
+                return None, err
 
         if num_workers > 0:
             with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
                 results = list(pool.map(decode, paths))
         else:
             results = [decode(p) for p in paths]
-        images, kept, small = [], [], []
-        for path, ((array, original_size), err) in zip(paths, results):
-            if array is None:
+        decoded, kept, small = [], [], []
+        for path, (result, err) in zip(paths, results):
+            if result is None:
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 if not skip_bad_images:
                     raise UserError(f"cannot read image {path!r} ({reason}); remove or re-save it, or pass --skip_bad_images")
                 _warn(f"skipping unreadable image {path}: {reason}")
                 continue
-            images.append(array)
+            decoded.append(result)
             kept.append(path)
-            factor = size / min(original_size)  # the short side's upscale, with or without --center_crop
+            width, height = original_size = result[2]
+            if result[3] is None:  # the short side's upscale, with or without --center_crop
+                factor = size / min(original_size)
+            else:  # the upscale to cover the bucket
+                factor = max(buckets[result[3]][0] / width, buckets[result[3]][1] / height)
             if factor > SMALL_IMAGE_FACTOR:
-                width, height = original_size
-                small.append(f"{os.path.relpath(path, data_root)} ({width}x{height}, {factor:.3g}x)")
-        if not images:
+                small.append(f"{os.path.relpath(path, self.data_root)} ({width}x{height}, {factor:.3g}x)")
+        if not decoded:
             raise UserError(f"none of the {len(paths)} image files in the data folder could be read; check the files")
         if small:
             _warn(f"{len(small)} image(s) are much smaller than --resolution {size} and are upscaled to it, which "
                   f"blurs them: {_quote_names(small)}; use larger images or a lower --resolution")
-        return images, kept
+        return decoded, kept
+
     def __len__(self):
         return self.num_examples
 
@@ -536,21 +873,77 @@ class TextualInversionDataset:
             self._order_cache = {epoch: order}  # one epoch at a time is all a run needs
         return order
 
-    def example(self, global_index):
+    def _bucket_groups(self):
+        """The image indices of each bucket in use, in bucket order (None without buckets)."""
+        if self._bucket_of is None:
+            return None
+        return [[i for i, b in enumerate(self._bucket_of) if b == bucket] for bucket in sorted(set(self._bucket_of))]
+
+    def _bucket_round(self, epoch, global_batch):
+        """One round of the bucketed order: (bucket of each global batch, how many batches of that bucket come
+        before it, each bucket's example stream). Bucket k holding n images gets ceil(n x repeats / global
+        batch) whole global batches per round, in a keyed random order; its examples are a keyed permutation
+        of its n x repeats examples, the first ones repeated to fill its last batch."""
+        key = (epoch, global_batch)
+        cached = self._bucket_cache.get(key)
+        if cached is None:
+            groups = self._bucket_groups()
+            counts = [math.ceil(len(g) * self.repeats / global_batch) for g in groups]
+            entropy = example_seed(self.seed, epoch, STREAM_BUCKETS)
+            slots = np.random.default_rng([entropy, global_batch]).permutation(np.repeat(np.arange(len(groups)), counts))
+            before, seen = np.zeros(len(slots), np.int64), [0] * len(groups)
+            for n, bucket in enumerate(slots):
+                before[n], seen[bucket] = seen[bucket], seen[bucket] + 1
+            streams = [np.asarray(g)[np.random.default_rng([entropy, global_batch, k]).permutation(len(g) * self.repeats)
+                                     % len(g)] for k, g in enumerate(groups)]
+            cached = (slots, before, streams)
+            self._bucket_cache = {key: cached}  # one round at a time is all a run needs
+        return cached
+
+    def _image_of(self, global_index, global_batch):
+        groups = self._bucket_groups() if self._bucket_of is not None else None
+        if groups is None or len(groups) == 1:  # diffusers' order (one bucket holds every image: the same)
+            epoch, position = divmod(global_index, self.num_examples)
+            return int(self._epoch_order(epoch)[position])
+        # Global batch by global batch, each from one bucket: N devices sharing a batch draw from one bucket.
+        batch, within = divmod(global_index, global_batch)
+        per_round = sum(math.ceil(len(g) * self.repeats / global_batch) for g in groups)
+        epoch, slot = divmod(batch, per_round)
+        slots, before, streams = self._bucket_round(epoch, global_batch)
+        stream = streams[slots[slot]]
+        return int(stream[(before[slot] * global_batch + within) % len(stream)])
+
+    def draw(self, global_index, global_batch=1):
+        """The Example (image, flipped, prompt row, crop) drawn as the global_index-th example of training.
+
+        global_batch (examples per optimizer step) matters only with several buckets in use: every global
+        batch is drawn from one bucket. crop is the (top, left) of the bucket-sized crop, None without buckets.
+        """
+        global_index = int(global_index)
+        image_index = self._image_of(global_index, global_batch)
+        rng = np.random.default_rng(example_seed(self.seed, global_index, STREAM_AUGMENT))
+        flipped = bool(rng.random() < self.flip_p)
+        template_index = int(rng.integers(len(self.templates)))
+        crop = None
+        if self._crops is not None:  # drawn after diffusers' draws, which stay as they are
+            crops = self._crops[image_index]
+            crop = crops[int(rng.integers(len(crops)))] if len(crops) > 1 else crops[0]
+        return Example(image_index, flipped, int(self._row_of[image_index, template_index]), crop)
+
+    def example(self, global_index, global_batch=1):
         """(image_index, flipped, prompt_index) of the global_index-th example drawn in training.
 
         The template is drawn as in diffusers' order of draws; prompt_index is the row of
         all_prompt_ids holding that template filled for that image.
         """
-        epoch, position = divmod(int(global_index), self.num_examples)
-        image_index = int(self._epoch_order(epoch)[position])
-        rng = np.random.default_rng(example_seed(self.seed, global_index, STREAM_AUGMENT))
-        flipped = bool(rng.random() < self.flip_p)
-        template_index = int(rng.integers(len(self.templates)))
-        return image_index, flipped, int(self._row_of[image_index, template_index])
+        return tuple(self.draw(global_index, global_batch)[:3])
 
-    def pixels(self, image_index, flipped):
+    def pixels(self, image_index, flipped, crop=None):
+        """An example's picture in [-1, 1], CHW float32 (crop: its (top, left) in the bucketed picture)."""
         image = self._images[image_index]
+        if crop is not None:
+            (top, left), (height, width) = crop, self._bucket_shape(image_index)
+            image = image[top:top + height, left:left + width]
         if flipped:
             image = image[:, ::-1]
         array = image.astype(np.float32) / 127.5 - 1.0
@@ -562,9 +955,14 @@ class TextualInversionDataset:
         return self._prompt_ids[prompt_index]
 
     def __getitem__(self, global_index):
-        image_index, flipped, prompt_index = self.example(global_index)
-        item = {"pixel_values": self.pixels(image_index, flipped), "image_index": image_index,
-                "flipped": flipped, "prompt_index": prompt_index}
+        example = self.draw(global_index)
+        image_index, flipped, prompt_index, crop = example
+        item = {"pixel_values": self.pixels(image_index, flipped, crop), "image_index": image_index,
+                "flipped": flipped, "prompt_index": prompt_index, "time_ids": self.time_ids(example)}
+        if crop is not None:
+            item["crop"] = crop
+        if self.has_masks:
+            item["mask"] = self.pixel_mask(image_index, flipped, crop)
         if self.prompts is not None:
             item["text"] = self.prompts[prompt_index]
         if self._prompt_ids is not None:

@@ -2,6 +2,7 @@
 
 import collections
 import os
+import sys
 
 import numpy as np
 
@@ -33,7 +34,14 @@ def load_run_inputs(args):
         repeats=args.repeats, center_crop=args.center_crop, num_workers=args.dataloader_num_workers,
         skip_bad_images=args.skip_bad_images, placeholder_token=args.placeholder_token,
         caption_extension=args.caption_extension, caption_from_filename=args.caption_from_filename,
-        prompt_template_file=args.prompt_template_file, recursive=args.recursive, exclude_dirs=[args.output_dir])
+        prompt_template_file=args.prompt_template_file, recursive=args.recursive, exclude_dirs=[args.output_dir],
+        enable_bucket=args.enable_bucket, min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso,
+        bucket_reso_steps=args.bucket_reso_steps, random_crop=args.random_crop, alpha_mask=args.alpha_mask,
+        mask_dir=args.mask_dir if args.masked_loss else None)
+    if dataset.buckets is not None and int(os.environ.get("RANK", "0")) == 0 \
+            and int(os.environ.get("JAX_PROCESS_ID", "0")) == 0:
+        # Said at start, before any model loads: which shapes the run trains at, and how many images each has.
+        print("\n".join(dataset.bucket_summary()), file=sys.stderr, flush=True)
     resume_path = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     resume_tensors, resume_state = checkpoints.load_checkpoint(resume_path) if resume_path else (None, None)
     init_vectors = None

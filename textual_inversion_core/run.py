@@ -279,11 +279,12 @@ def check_prediction_type(prediction_type):
 
 
 class LatentCache:
-    """VAE posterior (mean, std) per (image, flip), filled on first use (no start-up stall), exact:
-    each sample is drawn from the cached posterior with the example's own noise.
+    """VAE posterior (mean, std) per (image, flip), with buckets per (image, flip, crop) (the bucket is the
+    image's), filled on first use (no start-up stall), exact: each sample is drawn from the cached posterior
+    with the example's own noise.
 
-    encode(list of CHW float32 pixel arrays) -> (means, stds), each a list of float32 arrays.
-    on_full() runs once every (image, flip) is cached (the trainer frees its VAE encoder there).
+    encode(list of CHW float32 pixel arrays of one shape) -> (means, stds), each a list of float32 arrays.
+    on_full() runs once every key is cached (the trainer frees its VAE encoder there).
     """
 
     def __init__(self, dataset, encode, on_full=None):
@@ -293,11 +294,17 @@ class LatentCache:
     def __call__(self, keys):
         missing = [k for k in dict.fromkeys(keys) if k not in self.entries]
         if missing:
-            means, stds = self.encode([self.dataset.pixels(*k) for k in missing])
-            for key, mean, std in zip(missing, means, stds):
-                # C-contiguous: a framework's strided view (e.g. channels-last) would change which kernels run on it
-                self.entries[key] = (np.ascontiguousarray(mean, np.float32), np.ascontiguousarray(std, np.float32))
-            if len(self.entries) == 2 * self.dataset.num_images and self.on_full is not None:
+            pictures = {k: self.dataset.pixels(*k) for k in missing}
+            by_shape = {}  # one encode call per picture shape (a batch of one bucket is one call)
+            for key in missing:
+                by_shape.setdefault(pictures[key].shape, []).append(key)
+            for group in by_shape.values():
+                means, stds = self.encode([pictures[k] for k in group])
+                for key, mean, std in zip(group, means, stds):
+                    # C-contiguous: a framework's strided view (e.g. channels-last) would change which kernels run on it
+                    self.entries[key] = (np.ascontiguousarray(mean, np.float32), np.ascontiguousarray(std, np.float32))
+            total = getattr(self.dataset, "num_latent_keys", 2 * self.dataset.num_images)
+            if len(self.entries) == total and self.on_full is not None:
                 self.on_full()
                 self.on_full = None
         return (np.stack([self.entries[k][0] for k in keys]), np.stack([self.entries[k][1] for k in keys]))
@@ -307,20 +314,30 @@ def host_batch(plan, dataset, latents, seed, step, first_device, num_local_devic
     """The inputs of these devices' share of optimizer step `step`, as numpy arrays shaped
     [accumulation, num_local_devices * per_device_batch, ...]:
 
-    mean, std: the posterior of each example's (image, flip); noise_seed: the seed of its posterior
-    sample, noise and timestep (drawn by the trainer's framework); prompt: its row of all_prompt_ids.
+    mean, std: the posterior of each example's (image, flip[, crop]); noise_seed: the seed of its posterior
+    sample, noise and timestep (drawn by the trainer's framework); prompt: its row of all_prompt_ids;
+    time_ids: int64 [original h, original w, crop top, crop left, target h, target w] (SDXL's
+    micro-conditioning); mask (only with a masked loss): float32 [1, h, w] loss weights at latent resolution.
+    With buckets every example of the step has its bucket's latent shape.
     """
     from .data import STREAM_NOISE, example_seed
 
-    fields = {"mean": [], "std": [], "noise_seed": [], "prompt": []}
+    has_masks = getattr(dataset, "has_masks", False)
+    fields = {"mean": [], "std": [], "noise_seed": [], "prompt": [], "time_ids": []}
+    if has_masks:
+        fields["mask"] = []
     for micro in range(plan.accumulation):
         indices = plan.example_indices(step, micro, first_device, num_local_devices)
-        examples = [dataset.example(i) for i in indices]
-        mean, std = latents([(image, flip) for image, flip, _ in examples])
+        examples = [dataset.draw(i, plan.global_batch) for i in indices]
+        keys = [dataset.latent_key(e) for e in examples]
+        mean, std = latents(keys)
         fields["mean"].append(mean)
         fields["std"].append(std)
         fields["noise_seed"].append(np.array([example_seed(seed, i, STREAM_NOISE) for i in indices], np.uint64))
-        fields["prompt"].append(np.array([prompt for _, _, prompt in examples], np.int64))
+        fields["prompt"].append(np.array([e.prompt for e in examples], np.int64))
+        fields["time_ids"].append(np.stack([dataset.time_ids(e) for e in examples]))
+        if has_masks:
+            fields["mask"].append(np.stack([dataset.latent_mask(k, mean.shape[-2:]) for k in keys]))
     return {name: np.stack(values) for name, values in fields.items()}
 
 

@@ -146,10 +146,11 @@ def insert_placeholder_embedding(text_encoder, num_tokens, placeholder_ids, star
     return embedding
 
 
-def denoising_loss(text_encoder, unet, noise_scheduler, latents, noise, timesteps, input_ids, weight_dtype):
+def denoising_loss(text_encoder, unet, noise_scheduler, latents, noise, timesteps, input_ids, weight_dtype, mask=None):
     """The Textual Inversion objective of an SD-1.x/2.x model (one text encoder, its last hidden state)."""
     encoder_hidden_states = text_encoder(input_ids)[0]
-    return prediction_loss(unet, noise_scheduler, latents, noise, timesteps, encoder_hidden_states, None, weight_dtype)
+    return prediction_loss(unet, noise_scheduler, latents, noise, timesteps, encoder_hidden_states, None, weight_dtype,
+                           mask)
 
 
 def sdxl_conditioning(text_encoders, input_ids, time_ids):
@@ -162,10 +163,21 @@ def sdxl_conditioning(text_encoders, input_ids, time_ids):
     return hidden, {"text_embeds": second.text_embeds, "time_ids": time_ids}
 
 
+def masked_mse(prediction, target, mask):
+    """The masked loss: per example, the mean squared error weighted by mask [batch, 1, h, w] (broadcast over
+    the latent channels), sum(w * err^2) / sum(w); then the mean over examples. Each example is normalised by
+    its own weights, so N processes (each averaging its examples) still equal one. A weight of 0 gives that
+    latent pixel no gradient; an all-zero mask makes the example's loss 0. All-ones equals F.mse_loss."""
+    weights = mask.float().expand_as(prediction)
+    error = (prediction.float() - target.float()) ** 2
+    per_example = (weights * error).flatten(1).sum(1) / weights.flatten(1).sum(1).clamp_min(1e-12)
+    return per_example.mean()
+
+
 def prediction_loss(unet, noise_scheduler, latents, noise, timesteps, encoder_hidden_states, added_cond_kwargs,
-                    weight_dtype):
+                    weight_dtype, mask=None):
     """MSE between the UNet's prediction and the scheduler's target (the noise for epsilon models, the
-    velocity for v_prediction models), computed in fp32."""
+    velocity for v_prediction models), computed in fp32; weighted per latent pixel when mask is given."""
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps).to(dtype=weight_dtype)
     if added_cond_kwargs is not None:
         added_cond_kwargs = {k: v.to(dtype=weight_dtype) for k, v in added_cond_kwargs.items()}
@@ -175,25 +187,30 @@ def prediction_loss(unet, noise_scheduler, latents, noise, timesteps, encoder_hi
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
+    if mask is not None:
+        return masked_mse(model_pred, target, mask)
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
 
 def batch_loss(models, batch, weight_dtype):
     """The loss of one device micro-batch (see device_batch) for either family."""
-    latents, noise, timesteps, ids, time_ids = batch
+    latents, noise, timesteps, ids, time_ids, mask = batch
     if models.family == "sdxl":
         hidden, added = sdxl_conditioning(models.text_encoders, ids, time_ids)
     else:
         hidden, added = models.text_encoders[0](ids[0])[0], None
-    return prediction_loss(models.unet, models.noise_scheduler, latents, noise, timesteps, hidden, added, weight_dtype)
+    return prediction_loss(models.unet, models.noise_scheduler, latents, noise, timesteps, hidden, added, weight_dtype,
+                           mask)
 
 
-def device_batch(batch, micro, prompt_ids, latent_shape, num_timesteps, scaling_factor, device):
+def device_batch(batch, micro, prompt_ids, num_timesteps, scaling_factor, device):
     """Micro-batch `micro` of a core host_batch as tensors: (latents, noise, timesteps, input_ids per
-    tokenizer, SDXL time_ids or None). prompt_ids: one [num_prompts, 77] tensor per tokenizer.
+    tokenizer, SDXL time_ids or None, loss mask or None). prompt_ids: one [num_prompts, 77] tensor per tokenizer.
+    The latent shape is the batch's own (with buckets, its bucket's).
 
     Each example's posterior sample, noise and timestep come from its own generator (seeded by its
     global index), so they do not depend on how examples are split over processes."""
+    latent_shape = tuple(batch["mean"].shape[2:])
     draws = [torch.Generator().manual_seed(int(s)) for s in batch["noise_seed"][micro]]
     eps = torch.stack([torch.randn(latent_shape, generator=g) for g in draws])
     noise = torch.stack([torch.randn(latent_shape, generator=g) for g in draws])
@@ -203,7 +220,8 @@ def device_batch(batch, micro, prompt_ids, latent_shape, num_timesteps, scaling_
     rows = torch.from_numpy(batch["prompt"][micro])
     ids = [table[rows].to(device) for table in prompt_ids]
     time_ids = torch.from_numpy(batch["time_ids"][micro]).to(device) if len(prompt_ids) > 1 else None
-    return latents.to(device), noise.to(device), timesteps.to(device), ids, time_ids
+    mask = torch.from_numpy(batch["mask"][micro]).to(device) if "mask" in batch else None
+    return latents.to(device), noise.to(device), timesteps.to(device), ids, time_ids, mask
 
 
 def train_step(accelerator, models, optimizer, vector_sets, micro_batches, lr, weight_dtype):
