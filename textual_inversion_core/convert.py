@@ -6,6 +6,11 @@ IN may be any file the trainers' --init_from accepts. The output format comes fr
 OUT's name: NAME.pt -> A1111, learned_embeds*.safetensors -> diffusers, other .safetensors -> kohya /
 ComfyUI, .bin -> diffusers pickle. OUT may also be a folder: it then gets the diffusers files, the
 token files and the A1111 and kohya files named after the token, as a training run writes them.
+
+SDXL embeddings keep both parts: IN may be a {clip_l, clip_g} file or either file of a diffusers
+learned_embeds / learned_embeds_2 pair; OUT NAME.safetensors is the {clip_l, clip_g} file (webui, ComfyUI,
+kohya), learned_embeds.safetensors (or .bin) writes the pair. --dim WIDTH takes the one part of that width
+instead, as an SD-1.x/2.x embedding.
 """
 
 import argparse
@@ -28,7 +33,8 @@ def build_parser():
     p.add_argument("--format", dest="fmt", default=None, choices=embeddings.WRITE_FORMATS + (FOLDER,),
                    help="output format (default: guessed from OUT's name)")
     p.add_argument("--dim", type=int, default=None,
-                   help="text encoder width; picks clip_l (768) or clip_g (1280) from SDXL files")
+                   help="text encoder width; takes the clip_l (768) or clip_g (1280) part of an SDXL embedding "
+                        "as a one-encoder embedding (without it an SDXL embedding stays SDXL)")
     p.add_argument("--learnable_property", default="object", choices=["object", "style"],
                    help="written to type_of_concept.txt when OUT is a folder")
     return p
@@ -53,10 +59,25 @@ def default_token(path, found):
     return f"<{embeddings.file_stem_for_token(stem)}>"
 
 
+def read_input(input_path, dim=None):
+    """IN as an EmbeddingFile: an SDXL embedding keeps both parts ({"clip_l", "clip_g"}) unless dim picks the part of
+    that width; any other file gives its one vector set (of width dim when given)."""
+    if not embeddings.is_sdxl_embedding(input_path):
+        return embeddings.load_embedding(input_path, expected_dim=dim)
+    found = embeddings.load_sdxl_embedding(input_path)
+    if dim is not None:
+        matching = [name for name in embeddings.SDXL_PARTS if found.vectors[name].shape[1] == dim]
+        if not matching:
+            widths = ", ".join(f"{name}={found.vectors[name].shape[1]}" for name in embeddings.SDXL_PARTS)
+            raise UserError(f"{input_path!r} has no part of width {dim} ({widths}); pass --dim with one of these widths")
+        found.vectors = found.vectors[matching[0]]
+    return found
+
+
 def convert(input_path, output_path, token=None, fmt=None, dim=None, learnable_property="object"):
     """Convert one file; returns (token used, list of written paths)."""
     fmt = output_format(output_path, fmt)
-    found = embeddings.load_embedding(input_path, expected_dim=dim)
+    found = read_input(input_path, dim)
     token = token or default_token(input_path, found)
     if any(c.isspace() for c in token) or not token:
         raise UserError(f"--token {token!r} must be one word without spaces, e.g. <cat-toy>")
@@ -73,7 +94,10 @@ def convert(input_path, output_path, token=None, fmt=None, dim=None, learnable_p
         folder = os.path.dirname(os.path.abspath(output_path))
         if not os.path.isdir(folder):
             raise UserError(f"folder {folder!r} for OUT does not exist; create it first")
-        written = [embeddings.write_embedding(output_path, fmt, token, found.vectors, step, base_model, base_hash)]
+        if embeddings.is_sdxl_vectors(found.vectors):
+            written = embeddings.write_sdxl_embedding(output_path, fmt, token, found.vectors, step, base_model, base_hash)
+        else:
+            written = [embeddings.write_embedding(output_path, fmt, token, found.vectors, step, base_model, base_hash)]
     return token, written
 
 

@@ -9,7 +9,7 @@ from .errors import UserError
 
 # Never uploaded: resumable state, logs, temporary files and intermediate embeddings.
 UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", "logs/**", ".tmp-*", ".old-*", "learned_embeds-steps-*",
-                 "**/.tmp-*", "*.lock"]
+                 "learned_embeds_2-steps-*", "**/.tmp-*", "*.lock"]
 
 
 def resolve_repo_id(args):
@@ -38,21 +38,25 @@ def preflight(args):
     return repo_id
 
 
+def _base_model_parts(base_model, base_model_on_hub):
+    """(YAML line, text naming the base model, the string to load it with) of a model card."""
+    if base_model_on_hub:
+        return (f"base_model: {json.dumps(str(base_model))}\n", f"[{base_model}](https://huggingface.co/{base_model})",
+                json.dumps(str(base_model)))
+    return "", f"the local model `{base_model}`", json.dumps(f"path/to/{base_model}")
+
+
 def model_card(repo_id, base_model, token, learnable_property, num_vectors, images=(), export_formats=(),
-               base_model_on_hub=True):
+               base_model_on_hub=True, sdxl=False, safe_serialization=True):
     """README.md for the Hub repo: YAML metadata, then how to use the embedding in each tool.
 
     base_model: the hub id (linked, and declared in the metadata), or with base_model_on_hub=False the local
-    model folder's name, never its path."""
+    model folder's name, never its path. sdxl: the embedding is SDXL's two files (see sdxl_model_card)."""
+    if sdxl:
+        return sdxl_model_card(repo_id, base_model, token, learnable_property, num_vectors, images, export_formats,
+                               base_model_on_hub, safe_serialization)
     stem = file_stem_for_token(token)
-    if base_model_on_hub:
-        base_model_yaml = f"base_model: {json.dumps(str(base_model))}\n"
-        base_model_text = f"[{base_model}](https://huggingface.co/{base_model})"
-        load_base = json.dumps(str(base_model))
-    else:
-        base_model_yaml = ""
-        base_model_text = f"the local model `{base_model}`"
-        load_base = json.dumps(f"path/to/{base_model}")
+    base_model_yaml, base_model_text, load_base = _base_model_parts(base_model, base_model_on_hub)
     gallery = "\n".join(f"![sample {i}](./{p})" for i, p in enumerate(images))
     if "a1111" in export_formats:
         a1111 = (f"Download `{stem}.pt` into the webui's `embeddings/` folder and write `{stem}` in a prompt "
@@ -113,11 +117,82 @@ image = pipe("a photo of {token} on a beach").images[0]
 """
 
 
-def write_model_card(output_dir, repo_id, args, images=()):
+def sdxl_model_card(repo_id, base_model, token, learnable_property, num_vectors, images=(), export_formats=(),
+                    base_model_on_hub=True, safe_serialization=True):
+    """model_card for an SDXL embedding: diffusers loads each of the two files into its own text encoder and
+    tokenizer; the webui and ComfyUI take the one {clip_l, clip_g} file."""
+    stem = file_stem_for_token(token)
+    base_model_yaml, base_model_text, load_base = _base_model_parts(base_model, base_model_on_hub)
+    gallery = "\n".join(f"![sample {i}](./{p})" for i, p in enumerate(images))
+    ext = "safetensors" if safe_serialization else "bin"
+    first, second = f"learned_embeds.{ext}", f"learned_embeds_2.{ext}"
+    if {"a1111", "kohya"} & set(export_formats):
+        get_file = f"Download `{stem}.safetensors`"
+    else:
+        get_file = (f"Make the file first: `python -m textual_inversion_core.convert {first} {stem}.safetensors` "
+                    f"(it reads `{second}` beside it), then take `{stem}.safetensors`")
+    webui_file = f"`{stem}.safetensors`: webui/ComfyUI SDXL layout, `{{\"clip_l\": float32[{num_vectors}, dim], " \
+                 f"\"clip_g\": float32[{num_vectors}, dim_2]}}`\n" if {"a1111", "kohya"} & set(export_formats) else ""
+    plural = "s" if num_vectors != 1 else ""
+    return f"""---
+license: openrail++
+{base_model_yaml}instance_prompt: {json.dumps(token)}
+tags:
+- stable-diffusion-xl
+- stable-diffusion-xl-diffusers
+- text-to-image
+- diffusers
+- textual_inversion
+- diffusers-training
+inference: true
+---
+
+# Textual Inversion (SDXL): {token}
+
+Learned embedding ({num_vectors} vector{plural} for each of the two text encoders) of the {learnable_property}
+`{token}` for Stable Diffusion XL, {base_model_text}.
+
+## Use in diffusers
+
+Each file goes into its own text encoder and tokenizer:
+
+```python
+from diffusers import StableDiffusionXLPipeline
+
+pipe = StableDiffusionXLPipeline.from_pretrained({load_base})
+pipe.load_textual_inversion("{repo_id}", weight_name="{first}", token="{token}",
+                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+pipe.load_textual_inversion("{repo_id}", weight_name="{second}", token="{token}",
+                            text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+image = pipe("a photo of {token} on a beach").images[0]
+```
+
+## Use in AUTOMATIC1111 webui
+
+{get_file} into the webui's `embeddings/` folder and write `{stem}` in a prompt (the webui takes the trigger word
+from the file name). The webui has no SDXL `.pt` embeddings.
+
+## Use in ComfyUI
+
+{get_file} into `ComfyUI/models/embeddings/` and write `embedding:{stem}` in the prompt. kohya's SDXL scripts read
+the same file.
+
+## Files
+
+- `{first}`: diffusers format for `text_encoder` (CLIP ViT-L), `{{"{token}": float32[{num_vectors}, dim]}}`
+- `{second}`: the same for `text_encoder_2` (OpenCLIP ViT-bigG), `{{"{token}": float32[{num_vectors}, dim_2]}}`
+{webui_file}- `token_identifier.txt`, `type_of_concept.txt`: the token and the kind of concept
+
+{gallery}
+"""
+
+
+def write_model_card(output_dir, repo_id, args, images=(), sdxl=False):
     model = args.pretrained_model_name_or_path
     text = model_card(repo_id, public_model_name(model), args.placeholder_token, args.learnable_property,
                       args.num_vectors, images=images, export_formats=args.export_formats,
-                      base_model_on_hub=not is_local_model(model))
+                      base_model_on_hub=not is_local_model(model), sdxl=sdxl,
+                      safe_serialization=not getattr(args, "no_safe_serialization", False))
     path = os.path.join(output_dir, "README.md")
     atomic.write_text(path, text)
     return path
@@ -137,9 +212,10 @@ def upload(output_dir, repo_id, token=None, message="End of training", logging_d
     return repo_id
 
 
-def publish(args, repo_id):
-    """End of a --push_to_hub run: model card showing the newest validation images, then the upload."""
+def publish(args, repo_id, sdxl=False):
+    """End of a --push_to_hub run: model card showing the newest validation images, then the upload.
+    sdxl: the run learned SDXL's two vector sets (the card shows how to load both files)."""
     by_step = plots.validation_images_by_step(os.path.join(args.output_dir, "validation"))
     samples = [os.path.relpath(p, args.output_dir) for paths in by_step.values() for p in paths]
-    write_model_card(args.output_dir, repo_id, args, images=samples[-4:])
+    write_model_card(args.output_dir, repo_id, args, images=samples[-4:], sdxl=sdxl)
     return upload(args.output_dir, repo_id, token=args.hub_token, logging_dir=args.logging_dir)

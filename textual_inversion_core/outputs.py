@@ -13,7 +13,8 @@ SOURCE_KEYS = ("_name_or_path", "name_or_path")
 def write_final_outputs(args, learned_vectors, global_step, loss_history):
     """Embedding files (diffusers + --export_formats), token and concept files, and loss.png.
 
-    learned_vectors: float32 array [num_vectors, dim]; loss_history: [(step, loss), ...] of this run.
+    learned_vectors: float32 array [num_vectors, dim], or SDXL's {"clip_l": [n, dim_1], "clip_g": [n, dim_2]} (the
+    diffusers pair, and for a1111/kohya the one webui/ComfyUI file); loss_history: [(step, loss), ...] of this run.
     Returns the paths written, in the order a user would look for them.
     """
     model = args.pretrained_model_name_or_path
@@ -68,7 +69,7 @@ def finish_run(args, learned_vectors, global_step, loss_history, hub_repo_id, sa
         save_full_pipeline()
         replace_local_model_paths(args.output_dir, args.pretrained_model_name_or_path)
     if args.push_to_hub:
-        hub.publish(args, hub_repo_id)
+        hub.publish(args, hub_repo_id, sdxl=embeddings.is_sdxl_vectors(learned_vectors))
         logger.info("pushed to %s", hub_repo_id)
     logger.info("wrote %s", ", ".join(os.path.basename(p) for p in written))
     return written
