@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, write_images
+from helpers import REPO, write_images
 from textual_inversion_core import checkpoints
 from textual_inversion_core.cli import flag_names
 from textual_inversion_core.data import OBJECT_TEMPLATES, STYLE_TEMPLATES, TextualInversionDataset

@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import REPO, TRAIN_SCRIPT, base_args, run_script, write_images
-
+from helpers import REPO, TORCH_SCRIPT, base_args, run_script, script_env, write_images
 from textual_inversion_core import checkpoints
 
 TOKEN = "<cat-toy>"
@@ -31,10 +30,8 @@ def max_diff(a, b):
 
 def start(argv, log_path, env=None):
     """The trainer as a background process, stdout+stderr into log_path."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    full_env.update(env or {})
     log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, TRAIN_SCRIPT] + list(argv), cwd=REPO, env=full_env,
+    process = subprocess.Popen([sys.executable, TORCH_SCRIPT] + list(argv), cwd=REPO, env=script_env(env),
                                stdout=log, stderr=subprocess.STDOUT)
     log.close()
     return process
@@ -284,10 +281,9 @@ def test_disk_full_while_saving_is_one_line_and_keeps_earlier_files(tiny_pipelin
     out = str(tmp_path / "out")
     settings = dict(COMMON, num_vectors=1, checkpointing_steps=1, save_steps=2, max_train_steps=4)
     # Under the limit every write elsewhere would be cut short too: no bytecode, caches in tmp_path.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1",
-               HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "hf"),
-               TMPDIR=str(tmp_path))
-    result = subprocess.run([sys.executable, TRAIN_SCRIPT] + base_args(tiny_pipeline, data, out, **settings),
+    env = script_env(dict(PYTHONDONTWRITEBYTECODE="1", HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"),
+                          HF_HOME=str(tmp_path / "hf"), TMPDIR=str(tmp_path)))
+    result = subprocess.run([sys.executable, TORCH_SCRIPT] + base_args(tiny_pipeline, data, out, **settings),
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
                             preexec_fn=limit_file_size)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]

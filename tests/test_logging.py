@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import base_args, run_script
+from helpers import base_args, run_script
 from textual_inversion_core import plots
 from textual_inversion_core.errors import UserError
 from textual_inversion_core.schedules import lr_multiplier

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import TRAIN_SCRIPT, base_args, run_script
-
+from helpers import TORCH_SCRIPT, base_args, run_script, script_env
 from textual_inversion_core import checkpoints
 
 # Measured on the tiny pipeline: 2-process vs 1-process vectors differ by at most 1.2e-7 (summation
@@ -157,8 +156,8 @@ def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step(tiny_pipeline, tra
     out = str(tmp_path / "out")
     log_path = str(tmp_path / "run.log")
     settings = dict(max_train_steps=100000, checkpointing_steps=0, save_steps=0, train_batch_size=1)
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN_SCRIPT]
+    env = script_env({"ACCELERATE_USE_CPU": "1"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TORCH_SCRIPT]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command + base_args(tiny_pipeline, train_images, out, **settings), env=env,
                                    stdout=log, stderr=subprocess.STDOUT)
