@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import textual_inversion_flax as ti_flax
-from helpers import flax_base_args, read_vectors, run_torch_python
+from helpers import flax_base_args, read_vectors, run_flax, run_torch_python
 from textual_inversion_core.errors import UserError
 from textual_inversion_core.tokenizer_files import load_clip_tokenizer
 from textual_inversion_core.tokens import add_placeholder_tokens
@@ -82,6 +82,21 @@ def test_trainer_gives_the_same_vectors_from_tokenizer_json_alone(tiny_pipeline,
         assert ti_flax.main(flax_base_args(model, train_images, out, max_train_steps=2)) == 0
         learned.append(read_vectors(os.path.join(out, "learned_embeds.safetensors")))
     np.testing.assert_array_equal(learned[0], learned[1])
+
+
+def test_sdxl_trainer_gives_the_same_vectors_from_tokenizer_json_alone(tiny_sdxl_pipeline, train_images, compile_cache,
+                                                                      tmp_path):
+    """Both SDXL tokenizers saved by transformers 5: each encoder's set as from vocab.json + merges.txt."""
+    single = resave_tokenizers_with_transformers5(tiny_sdxl_pipeline, tmp_path / "sdxl", ("tokenizer", "tokenizer_2"))
+    learned = []
+    for model in (single, tiny_sdxl_pipeline):
+        out = str(tmp_path / f"out-{len(learned)}")
+        run_flax(flax_base_args(model, train_images, out, max_train_steps=2), cache=compile_cache)
+        learned.append([read_vectors(os.path.join(out, name))
+                        for name in ("learned_embeds.safetensors", "learned_embeds_2.safetensors")])
+    assert [v.shape for v in learned[0]] == [(2, 32), (2, 48)]
+    for from_json, from_vocab in zip(*learned):
+        np.testing.assert_array_equal(from_json, from_vocab)
 
 
 def test_trainer_refuses_a_tokenizer_folder_with_neither_layout(tiny_pipeline, train_images, tmp_path):
