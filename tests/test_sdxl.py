@@ -138,7 +138,7 @@ def test_sdxl_script_has_every_flag_of_the_shared_cli():
 
     proc = subprocess.run([sys.executable, SDXL_SCRIPT, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(set(re.findall(r"--[a-z][a-z0-9_]*", proc.stdout)) - {"--help"}) == flag_names()
+    assert sorted(set(re.findall(r"^  (--[a-z][a-z0-9_]*)", proc.stdout, re.MULTILINE)) - {"--help"}) == flag_names()
     assert "--use_8bit_adam" in proc.stdout and proc.stdout.startswith("usage: textual_inversion_sdxl.py")
 
 
@@ -150,14 +150,46 @@ def test_8bit_adam_without_bitsandbytes_or_cuda_is_one_line(tiny_sdxl_pipeline, 
     assert last.startswith("textual_inversion_sdxl.py: error: --use_8bit_adam needs"), last
 
 
-def test_checkpoint_of_one_family_refused_on_the_other(sdxl_runs, tiny_pipeline, tiny_sdxl_pipeline, train_images,
-                                                        tmp_path):
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails the test if the trainer gets as far as loading a model."""
+    from torch_backend import model as torch_model
+
+    def refuse(args):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(torch_model, "load_models", refuse)
+
+
+def test_embedding_of_the_other_family_is_refused_before_any_model_loads(sdxl_runs, tiny_pipeline, tiny_sdxl_pipeline,
+                                                                         train_images, tmp_path, no_model_loading):
     import textual_inversion
+    from textual_inversion_core.embeddings import write_diffusers
     from textual_inversion_core.errors import UserError
 
-    sd_out = str(tmp_path / "sd-resumes-sdxl")
+    sd_file = str(tmp_path / "sd" / "learned_embeds.safetensors")
+    os.makedirs(os.path.dirname(sd_file))
+    write_diffusers(os.path.dirname(sd_file), "<cat-toy>", np.ones((2, 32), np.float32))
+    sdxl_file = os.path.join(sdxl_runs["full"], "cat-toy.safetensors")  # {"clip_l", "clip_g"}
+    cases = [(tiny_sdxl_pipeline, sd_file, "SDXL"), (tiny_pipeline, sdxl_file, "is an SDXL embedding")]
+    for model, init_from, needle in cases:
+        with pytest.raises(UserError, match=needle) as info:
+            textual_inversion.main(base_args(model, train_images, str(tmp_path / "out"), init_from=init_from,
+                                             num_vectors=2, max_train_steps=1))
+        assert "\n" not in str(info.value)
+    sd_out = str(tmp_path / "sdxl-checkpoint-on-sd")
     os.makedirs(sd_out)
     shutil.copytree(os.path.join(sdxl_runs["full"], "checkpoint-2"), os.path.join(sd_out, "checkpoint-2"))
     with pytest.raises(UserError, match=r"made for SDXL \(2 text encoders\), this model is SD-1.x/2.x"):
         textual_inversion.main(base_args(tiny_pipeline, train_images, sd_out, resume_from_checkpoint="latest",
                                          **SETTINGS))
+
+
+def test_sdxl_run_continues_from_its_own_webui_file(sdxl_runs, tiny_sdxl_pipeline, train_images, tmp_path):
+    """--init_from the {"clip_l", "clip_g"} file: each encoder starts from its own part (lr 0 keeps them)."""
+    out = str(tmp_path / "continued")
+    result = run_script(base_args(tiny_sdxl_pipeline, train_images, out, num_vectors=2, max_train_steps=1,
+                                  learning_rate=0, init_from=os.path.join(sdxl_runs["full"], "cat-toy.safetensors")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("learned_embeds.safetensors", "learned_embeds_2.safetensors"):
+        assert np.array_equal(read_vectors(os.path.join(out, name)), read_vectors(os.path.join(sdxl_runs["full"], name)))

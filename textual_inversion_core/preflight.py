@@ -1,12 +1,13 @@
 """Checks and inputs both trainers settle before loading any model: errors arrive in seconds."""
 
 import collections
+import json
 import os
 import sys
 
 import numpy as np
 
-from . import checkpoints, embeddings
+from . import checkpoints, embeddings, run
 from .data import TextualInversionDataset
 from .errors import UserError
 
@@ -44,30 +45,68 @@ def load_run_inputs(args):
         print("\n".join(dataset.bucket_summary()), file=sys.stderr, flush=True)
     resume_path = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     resume_tensors, resume_state = checkpoints.load_checkpoint(resume_path) if resume_path else (None, None)
-    init_vectors = None
-    if args.init_from:
-        _, init_vectors = embeddings.read_embedding(args.init_from)
-        if not np.isfinite(init_vectors).all():
-            raise UserError(f"--init_from {args.init_from!r} contains NaN or infinite values; use an embedding from a "
-                            "run that did not diverge")
-        if init_vectors.shape[0] != args.num_vectors:
-            raise UserError(f"--init_from {args.init_from!r} has {init_vectors.shape[0]} vectors but --num_vectors is "
-                            f"{args.num_vectors}; pass --num_vectors {init_vectors.shape[0]}")
+    family = model_family(args.pretrained_model_name_or_path, args.revision)
+    if family is not None and resume_tensors is not None:  # an SD-1.x checkpoint on SDXL (or the reverse)
+        run.check_vector_set_count(resume_path, resume_tensors, 2 if family == "sdxl" else 1)
+    init_vectors = read_init_from(args, family) if args.init_from else None
     return RunInputs(dataset, resume_path, resume_tensors, resume_state, init_vectors)
 
 
-def fit_init_vectors(args, init_vectors, dims):
-    """--init_from vectors for each text encoder, at its width (dims: one width per encoder). SDXL files hold
-    clip_l and clip_g: each encoder takes the part of its width. Returns one array (or None) per encoder."""
-    if init_vectors is None:
-        return [None] * len(dims)
-    if len(dims) == 1 and init_vectors.shape[1] == dims[0]:
-        return [init_vectors]
-    fitted = []
-    for dim in dims:
+def model_family(name_or_path, revision=None):
+    """"sdxl" or "sd" from the pipeline's model_index.json (a local folder or the Hub cache), without loading
+    a model; None when this cannot be told yet (then the trainer decides once the model is loaded)."""
+    path = os.path.join(str(name_or_path), "model_index.json")
+    if not os.path.isdir(str(name_or_path)):
         try:
-            _, vectors = embeddings.read_embedding(args.init_from, expected_dim=dim)
-        except UserError as err:
-            raise UserError(f"--init_from: {err}") from None
-        fitted.append(vectors)
-    return fitted
+            from huggingface_hub import try_to_load_from_cache
+
+            path = try_to_load_from_cache(str(name_or_path), "model_index.json", revision=revision)
+        except Exception:  # not a repo id, no cache
+            return None
+    if isinstance(path, str) and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return "sdxl" if (json.load(f).get("text_encoder_2") or [None])[0] else "sd"
+        except (OSError, ValueError, AttributeError):
+            return None
+    if os.path.isdir(str(name_or_path)):  # a folder of components without model_index.json
+        return "sdxl" if os.path.isdir(os.path.join(str(name_or_path), "text_encoder_2")) else "sd"
+    return None
+
+
+def read_init_from(args, family, widths=None):
+    """--init_from as one float32 [num_vectors, dim] array per text encoder (SDXL: text_encoder's, then
+    text_encoder_2's). With the family still unknown, the file is read as it is (fit_init_vectors takes the
+    right parts once the model is loaded)."""
+    path = args.init_from
+    if family is None:
+        sets = [embeddings.read_embedding(path)[1]]
+    else:
+        if widths is None:
+            widths = embeddings.text_encoder_widths(args.pretrained_model_name_or_path, family, args.revision)
+        found = embeddings.load_model_embedding(path, family, widths)
+        found = getattr(found, "vectors", found)
+        sets = [found["clip_l"], found["clip_g"]] if isinstance(found, dict) else [found]
+    for vectors in sets:
+        if not np.isfinite(vectors).all():
+            raise UserError(f"--init_from {path!r} contains NaN or infinite values; use an embedding from a "
+                            "run that did not diverge")
+        if vectors.shape[0] != args.num_vectors:
+            raise UserError(f"--init_from {path!r} has {vectors.shape[0]} vectors but --num_vectors is "
+                            f"{args.num_vectors}; pass --num_vectors {vectors.shape[0]}")
+    return sets
+
+
+def fit_init_vectors(args, init_sets, dims):
+    """--init_from vectors for each text encoder, at its width (dims: one width per encoder, known once the model
+    is loaded). Returns one array (or None) per encoder; a file that does not fit the model is a one-line error."""
+    if init_sets is None:
+        return [None] * len(dims)
+    if len(init_sets) == len(dims) and [v.shape[1] for v in init_sets] == list(dims):
+        return list(init_sets)
+    family = "sdxl" if len(dims) == 2 else "sd"
+    try:
+        return read_init_from(args, family, tuple(dims))
+    except UserError as err:
+        message = str(err)
+        raise UserError(message if message.startswith("--init_from") else f"--init_from: {message}") from None

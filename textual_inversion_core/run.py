@@ -157,6 +157,14 @@ def describe_encoders(count):
     return "SDXL (2 text encoders)" if count == 2 else "SD-1.x/2.x (1 text encoder)" if count == 1 else f"{count} text encoders"
 
 
+def check_vector_set_count(resume_path, resume_tensors, count):
+    """A checkpoint holds one vector set per text encoder: an SD-1.x/2.x one does not resume on SDXL, nor the reverse."""
+    stored = sum(1 for i in range(len(resume_tensors)) if "vectors" + set_suffix(i) in resume_tensors)
+    if stored != count:
+        raise UserError(f"checkpoint {resume_path!r} was made for {describe_encoders(stored)}, this model is "
+                        f"{describe_encoders(count)}; resume on the model it was trained with or start a new --output_dir")
+
+
 def resume_point(args, inputs, dims, plan, logger):
     """Check the checkpoint found by --resume_from_checkpoint against this run (dims: the width of each text
     encoder's vectors); return where to start."""
@@ -166,10 +174,8 @@ def resume_point(args, inputs, dims, plan, logger):
                            args.resume_from_checkpoint, args.output_dir)
         return Resume()
     state, tensors = inputs.resume_state, inputs.resume_tensors
-    stored = [tensors[k] for k in ("vectors" + set_suffix(i) for i in range(len(tensors))) if k in tensors]
-    if len(stored) != len(dims):
-        raise UserError(f"checkpoint {inputs.resume_path!r} was made for {describe_encoders(len(stored))}, this model is "
-                        f"{describe_encoders(len(dims))}; resume on the model it was trained with or start a new --output_dir")
+    check_vector_set_count(inputs.resume_path, tensors, len(dims))
+    stored = [tensors["vectors" + set_suffix(i)] for i in range(len(dims))]
     if state.get("num_vectors") != args.num_vectors or [v.shape[1] for v in stored] != list(dims):
         raise UserError(f"checkpoint {inputs.resume_path!r} was made with other --num_vectors or another model; "
                         "resume with the original settings or start a new --output_dir")

@@ -48,7 +48,7 @@ def test_help_lists_the_same_flags_as_the_pytorch_script():
     def flags_in_help(python, script):
         proc = subprocess.run([python, script, "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        return sorted(set(re.findall(r"--[a-z][a-z0-9_]*", proc.stdout)) - {"--help"})
+        return sorted(set(re.findall(r"^  (--[a-z][a-z0-9_]*)", proc.stdout, re.MULTILINE)) - {"--help"})
 
     flax_flags = flags_in_help(sys.executable, FLAX_SCRIPT)
     torch_flags = flags_in_help(TORCH_PYTHON, TORCH_SCRIPT)
