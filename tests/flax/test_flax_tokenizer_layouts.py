@@ -108,3 +108,45 @@ def test_trainer_refuses_a_tokenizer_folder_with_neither_layout(tiny_pipeline, t
     message = str(info.value)
     assert "\n" not in message and message.startswith("no tokenizer in "), message
     assert os.path.join(model, "tokenizer") in message and "missing merges.txt" in message, message
+
+
+def hub_cache_holding(cache, repo_id, source, names):
+    """A Hugging Face cache in which repo_id's tokenizer/ folder holds only the files names (copied from source)."""
+    commit = "c" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit / "tokenizer").mkdir(parents=True)
+    for name in names:
+        shutil.copy(os.path.join(source, name), repo / "snapshots" / commit / "tokenizer" / name)
+    return str(cache)
+
+
+def test_hub_id_with_tokenizer_json_alone_loads_from_the_cache(json_only_pipeline, tmp_path):
+    """A hub model whose repo has only tokenizer.json, as downloaded before (offline): the fast class; a hub model
+    not downloaded, offline: one line saying so instead of transformers 4.57's TypeError."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    cache = hub_cache_holding(tmp_path / "hub", "some-org/json-only", os.path.join(json_only_pipeline, "tokenizer"),
+                              ("tokenizer.json", "tokenizer_config.json"))
+    code = ("import sys\n"
+            "from textual_inversion_core.errors import UserError\n"
+            "from textual_inversion_core.tokenizer_files import load_clip_tokenizer\n"
+            "for repo_id in sys.argv[1:]:\n"
+            "    try:\n"
+            "        tokenizer = load_clip_tokenizer(repo_id, subfolder='tokenizer')\n"
+            "        print(type(tokenizer).__name__, tokenizer('a photo of a toy').input_ids)\n"
+            "    except UserError as err:\n"
+            "        print('UserError', err)\n")
+    # In a subprocess: huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE when it is imported.
+    env = dict(os.environ, HF_HUB_CACHE=cache, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", code, "some-org/json-only", "some-org/not-downloaded"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = result.stdout.strip().splitlines()[-2:]
+    assert found[0] == "CLIPTokenizerFast [49406, 320, 1125, 539, 320, 5988, 49407]", found
+    assert found[1].startswith("UserError the tokenizer files of some-org/not-downloaded/tokenizer on the Hub are not "
+                               "on this machine and could not be downloaded"), found
