@@ -193,3 +193,23 @@ def test_sdxl_run_continues_from_its_own_webui_file(sdxl_runs, tiny_sdxl_pipelin
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("learned_embeds.safetensors", "learned_embeds_2.safetensors"):
         assert np.array_equal(read_vectors(os.path.join(out, name)), read_vectors(os.path.join(sdxl_runs["full"], name)))
+
+
+def test_sdxl_push_uploads_both_files_the_sdxl_pipeline_and_an_sdxl_card(tiny_sdxl_pipeline, train_images,
+                                                                          tmp_path):
+    from fake_hub import FakeHub
+    from test_hub import HUB_TOKEN, USER, hub_env
+
+    out = tmp_path / "my-sdxl-concept"
+    argv = base_args(tiny_sdxl_pipeline, train_images, str(out), max_train_steps=1, num_vectors=2, push_to_hub=True,
+                     hub_token=HUB_TOKEN)
+    with FakeHub(token=HUB_TOKEN, user=USER, lfs_policy="lfs") as hub:
+        result = run_script(argv, env=hub_env(hub.endpoint, tmp_path / "hf_home"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    files = hub.files(f"{USER}/my-sdxl-concept")
+    for name in ("learned_embeds.safetensors", "learned_embeds_2.safetensors", "cat-toy.safetensors",
+                 "text_encoder_2/model.safetensors", "tokenizer_2/tokenizer_config.json", "model_index.json"):
+        assert name in files, (name, sorted(files))
+    card = files["README.md"].decode()
+    assert "SDXL" in card and "text_encoder=pipe.text_encoder_2" in card.replace(" ", "")
+    assert str(tiny_sdxl_pipeline) not in card  # no local path
