@@ -314,3 +314,21 @@ def test_upload_leaves_out_both_step_copies(tmp_path):
     uploaded = sorted(filter_repo_objects(sorted(os.listdir(tmp_path)), ignore_patterns=hub.UPLOAD_IGNORE))
     assert uploaded == ["cat-toy.safetensors", "learned_embeds.bin", "learned_embeds.safetensors", "learned_embeds_2.bin",
                         "learned_embeds_2.safetensors", "token_identifier.txt", "type_of_concept.txt"]
+
+
+def test_tiny_sdxl_pipeline_is_an_sdxl_pipeline_with_two_widths(tiny_sdxl_pipeline):
+    """tools/make_tiny_pipeline.py --size tiny-sdxl: diffusers' SDXL pipeline loads it and draws 64 px; the encoders'
+    widths differ, and the UNet takes both side by side plus text_encoder_2's pooled projection and 6 time ids."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_pipeline)
+    widths = (pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size)
+    assert widths == WIDTHS and type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    unet = pipe.unet.config
+    assert unet.cross_attention_dim == sum(WIDTHS) and unet.addition_embed_type == "text_time"
+    assert unet.projection_class_embeddings_input_dim == 6 * unet.addition_time_embed_dim + \
+        pipe.text_encoder_2.config.projection_dim
+    assert (pipe.tokenizer.pad_token, pipe.tokenizer_2.pad_token) == ("<|endoftext|>", "!")
+    image = pipe("a photo of a toy", num_inference_steps=1, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
