@@ -8,6 +8,12 @@ so that their union equals the single-process batch.
 Captions (sidecar files or file names) and prompt-template files make the prompt depend on the image:
 all_prompt_ids then holds one row per distinct (image, template) prompt, and example() maps the same
 keyed template draw to that image's row. Without them the rows are the built-in templates, as before.
+
+Aspect-ratio buckets (--enable_bucket) keep each picture near its own shape: it is resized to cover its
+bucket and cropped per example (the crop drawn after diffusers' draws), and with several buckets in use
+each global batch is drawn from one bucket (draw(index, global_batch)). Masks (--alpha_mask, --masked_loss)
+are per-image weight maps with the stored pixels' geometry, cropped and flipped with them and averaged
+down to latent resolution. Without these flags pixels, draws and prompts are exactly as before.
 """
 
 import collections
