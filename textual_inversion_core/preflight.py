@@ -84,7 +84,10 @@ def read_init_from(args, family, widths=None):
     else:
         if widths is None:
             widths = embeddings.text_encoder_widths(args.pretrained_model_name_or_path, family, args.revision)
-        found = embeddings.load_model_embedding(path, family, widths)
+        try:
+            found = embeddings.load_model_embedding(path, family, widths)
+        except UserError as err:
+            raise UserError(f"--init_from: {err}") from None
         found = getattr(found, "vectors", found)
         sets = [found["clip_l"], found["clip_g"]] if isinstance(found, dict) else [found]
     for vectors in sets:
@@ -105,8 +108,4 @@ def fit_init_vectors(args, init_sets, dims):
     if len(init_sets) == len(dims) and [v.shape[1] for v in init_sets] == list(dims):
         return list(init_sets)
     family = "sdxl" if len(dims) == 2 else "sd"
-    try:
-        return read_init_from(args, family, tuple(dims))
-    except UserError as err:
-        message = str(err)
-        raise UserError(message if message.startswith("--init_from") else f"--init_from: {message}") from None
+    return read_init_from(args, family, tuple(dims))

@@ -63,17 +63,21 @@ def test_saved_flax_sdxl_pipeline_holds_the_learned_rows(sdxl_runs):
 
 
 def test_pytorch_trainer_resumes_a_flax_sdxl_checkpoint(sdxl_runs, tiny_sdxl_pipeline, train_images, tmp_path):
+    """Both vector sets and both AdamW states of a Flax SDXL checkpoint continue in textual_inversion.py (the two
+    frameworks draw their own noise, so the step is checked by how far it moves, as for SD-1.x)."""
     out = str(tmp_path / "torch-resume")
     os.makedirs(out)
     shutil.copytree(os.path.join(sdxl_runs["one_device"], "checkpoint-2"), os.path.join(out, "checkpoint-2"))
     proc = run_script(flax_base_args(tiny_sdxl_pipeline, train_images, out, train_batch_size=2,
-                                     resume_from_checkpoint="latest", **SETTINGS), TORCH_SCRIPT, python=TORCH_PYTHON)
+                                     resume_from_checkpoint="latest", **dict(SETTINGS, max_train_steps=3)),
+                      TORCH_SCRIPT, python=TORCH_PYTHON)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "another global batch" not in proc.stderr
-    for name in ("learned_embeds.safetensors", "learned_embeds_2.safetensors"):
-        # Same start, same examples, same schedule: the frameworks agree to float32 rounding over 2 steps.
-        np.testing.assert_allclose(read_vectors(os.path.join(out, name)),
-                                   read_vectors(os.path.join(sdxl_runs["one_device"], name)), rtol=0, atol=2e-5)
+    for name in ("learned_embeds", "learned_embeds_2"):
+        at_two = read_vectors(os.path.join(sdxl_runs["one_device"], f"{name}-steps-2.safetensors"))
+        torch_three = read_vectors(os.path.join(out, f"{name}.safetensors"))
+        # One AdamW step of lr 5e-3 with the restored moments: moved, by at most a few learning rates.
+        assert 1e-4 < np.abs(torch_three - at_two).max() < 5 * 5e-3, name
 
 
 def test_sdxl_loss_and_gradients_equal_pytorch(tiny_sdxl_pipeline):
