@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Write a complete StableDiffusionPipeline (or StableDiffusionXLPipeline) folder with random weights, offline.
 
-    python tools/make_tiny_pipeline.py OUT_DIR [--size tiny|sd15|tiny-sdxl] [--seed 0]
+    python tools/make_tiny_pipeline.py OUT_DIR [--size tiny|sd15|tiny-sdxl|sdxl] [--seed 0]
 
 `tiny` is about the size of diffusers' own test pipeline (trains at 64 px in well under a second a
 step on a CPU); `sd15` has the public Stable Diffusion 1.5 architecture (for benchmarks); `tiny-sdxl`
 is a tiny SDXL pipeline whose two text encoders have different widths (32 and 48), so code that mixes
-up CLIP-L and OpenCLIP-bigG fails on it. All use the real CLIP BPE vocabulary (49408 tokens) read from
-the `clip-anytorch` or `open_clip_torch` wheel, so token ids match the real models. CLIPTextModel is
+up CLIP-L and OpenCLIP-bigG fails on it; `sdxl` has SDXL base 1.0's architecture (3.5 B parameters,
+13.9 GB of fp32 files; generating it needs ~11 GB of RAM, one model at a time). All use the real
+CLIP BPE vocabulary (49408 tokens) read from the `clip-anytorch` or `open_clip_torch` wheel, so
+token ids match the real models. CLIPTextModel is
 saved with the `text_model.` key prefix, which both transformers 4.x and 5.x load (5.x itself would
 drop the prefix, which 4.x misreads); CLIPTextModelWithProjection keeps it in both versions.
 """
@@ -123,9 +125,83 @@ def sdxl_configs():
     return unet, vae, text, text_2
 
 
+def sdxl_base_configs():
+    """(unet, vae, text_encoder, text_encoder_2) configs with the architecture of SDXL base 1.0
+    (stabilityai/stable-diffusion-xl-base-1.0), written from its published model configs.
+
+    UNet 2.57 B parameters, text_encoder (CLIP ViT-L/14's text tower) 123 M, text_encoder_2 (OpenCLIP
+    ViT-bigG/14's) 695 M, VAE 84 M. Token ids follow the tiny pipelines (bos 49406, eos 49407,
+    tokenizer_2 pads with "!", id 0), which is what their tokenizers produce; the hub configs carry
+    placeholder ids (0/1/2) that transformers ignores when it locates the eos token.
+    """
+    unet = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),  # (head counts, as in the hub config)
+                use_linear_projection=True, cross_attention_dim=2048, norm_num_groups=32, norm_eps=1e-5,
+                act_fn="silu", flip_sin_to_cos=True, freq_shift=0, mid_block_type="UNetMidBlock2DCrossAttn",
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816)  # 6 x 256 time ids + 1280 pooled text_encoder_2
+    vae = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+               layers_per_block=2, latent_channels=4, norm_num_groups=32, act_fn="silu", sample_size=1024,
+               scaling_factor=0.13025, force_upcast=True)
+    ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+               layer_norm_eps=1e-5)
+    text = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                hidden_act="quick_gelu", projection_dim=768, pad_token_id=49407, **ids)
+    text_2 = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                  hidden_act="gelu", projection_dim=1280, pad_token_id=0, **ids)
+    return unet, vae, text, text_2
+
+
+def make_sdxl_base_pipeline(out_dir, seed=0):
+    """The `sdxl` size: SDXL base 1.0's architecture with random weights.
+
+    The folder's frame (model_index.json, scheduler, both tokenizers) is the tiny SDXL pipeline's,
+    written by diffusers; each of its four models is then replaced by the full-size one, built and
+    saved one at a time (peak RAM ≈ the fp32 UNet, 10.3 GB, instead of all four models' 13.9 GB).
+    """
+    import gc
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet_cfg, vae_cfg, text_cfg, text_2_cfg = sdxl_base_configs()
+    builders = (  # the seeds follow make_sdxl_pipeline's order
+        ("vae", 1, lambda: AutoencoderKL(**vae_cfg)),
+        ("text_encoder", 2, lambda: CLIPTextModel(CLIPTextConfig(**text_cfg))),
+        ("text_encoder_2", 3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**text_2_cfg))),
+        ("unet", 0, lambda: UNet2DConditionModel(**unet_cfg)),
+    )
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-sdxl-", dir=parent)
+    try:
+        frame = os.path.join(staging, "pipeline")
+        make_sdxl_pipeline(frame, seed)
+        for name, offset, build in builders:
+            torch.manual_seed(seed + offset)
+            model = build()
+            shutil.rmtree(os.path.join(frame, name))
+            model.save_pretrained(os.path.join(frame, name), safe_serialization=True)
+            print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters", flush=True)
+            del model
+            gc.collect()
+        add_text_model_prefix(os.path.join(frame, "text_encoder"))
+        move_into(frame, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
 def make_pipeline(out_dir, size="tiny", seed=0):
     if size == "tiny-sdxl":
         return make_sdxl_pipeline(out_dir, seed)
+    if size == "sdxl":
+        return make_sdxl_base_pipeline(out_dir, seed)
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -211,7 +287,7 @@ def save_pipeline_folder(pipe, tokenizer_dir, out_dir, extra_files=None, tokeniz
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--size", choices=["tiny", "sd15", "tiny-sdxl"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "sd15", "tiny-sdxl", "sdxl"], default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     make_pipeline(args.out_dir, args.size, args.seed)
