@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from conftest import REPO, base_args, run_script
-
 from textual_inversion_core import hub
 from textual_inversion_core.cli import parse_args
 

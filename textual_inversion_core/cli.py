@@ -191,7 +191,8 @@ def check_args(args):
     if any(c.isspace() for c in args.placeholder_token):
         raise UserError(f"--placeholder_token {args.placeholder_token!r} contains white space; use one word such as <cat-toy>")
     if not args.initializer_token or not args.initializer_token.strip():
-        raise UserError('--initializer_token is empty; give an existing word close to the concept, e.g. --initializer_token="toy"')
+        raise UserError('--initializer_token is empty; give an existing word close to the concept, '
+                        'e.g. --initializer_token="toy"')
     positive = {
         "num_vectors": args.num_vectors, "train_batch_size": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps, "repeats": args.repeats,
