@@ -270,8 +270,9 @@ def test_full_pipeline_is_loadable_only_once_completely_moved_in(tmp_path, monke
 
 @pytest.mark.slow
 def test_disk_full_while_saving_is_one_line_and_keeps_earlier_files(tiny_pipeline, data, tmp_path):
-    """A file-size limit of 1000 bytes (like a full disk: writes fail with an OSError) lets checkpoint-1
-    (~600 bytes) through and stops learned_embeds-steps-2.bin (~1.7 kB)."""
+    """A file-size limit of 1000 bytes (like a full disk: writes fail with an OSError) lets the embedding
+    files of steps 1 and 2 through (3 vectors: a .bin of ~750 bytes, in the webui-safe legacy layout) and
+    stops checkpoint-2, whose tensors (vectors and both AdamW moments, ~1.4 kB) do not fit."""
     import resource
 
     def limit_file_size():
@@ -279,7 +280,7 @@ def test_disk_full_while_saving_is_one_line_and_keeps_earlier_files(tiny_pipelin
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
 
     out = str(tmp_path / "out")
-    settings = dict(COMMON, num_vectors=1, checkpointing_steps=1, save_steps=2, max_train_steps=4)
+    settings = dict(COMMON, num_vectors=3, checkpointing_steps=2, save_steps=1, max_train_steps=4)
     # Under the limit every write elsewhere would be cut short too: no bytecode, caches in tmp_path.
     env = script_env(dict(PYTHONDONTWRITEBYTECODE="1", HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"),
                           HF_HOME=str(tmp_path / "hf"), TMPDIR=str(tmp_path)))
@@ -288,11 +289,12 @@ def test_disk_full_while_saving_is_one_line_and_keeps_earlier_files(tiny_pipelin
                             preexec_fn=limit_file_size)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("textual_inversion.py: error: cannot write") and "learned_embeds-steps-2.bin" in last
-    assert sorted(os.listdir(out)) == ["checkpoint-1"]  # no temporary file left behind either
+    assert last.startswith("textual_inversion.py: error: cannot write") and "checkpoint-2" in last, last
+    written = [f"learned_embeds-steps-{s}.{ext}" for s in (1, 2) for ext in ("bin", "safetensors")]
+    assert sorted(os.listdir(out)) == sorted(written)  # no checkpoint, no temporary file left behind either
     assert_everything_readable(out)
-    resumed = run_script(base_args(tiny_pipeline, data, out, resume_from_checkpoint="latest", **settings))
-    assert resumed.returncode == 0 and "at step 1" in resumed.stderr, resumed.stderr[-3000:]
+    for step in (1, 2):
+        assert final_vectors(out, f"learned_embeds-steps-{step}.safetensors").shape == (3, 32)
 
 
 def test_atomic_writes_keep_the_usual_permissions(tmp_path):
