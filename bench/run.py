@@ -4,13 +4,22 @@
     python bench/run.py                    # everything (tiny and sd15: ~60 min; the Flax sd15 rows peak at ~19 GB RAM)
     python bench/run.py --only tiny        # configurations whose name contains "tiny"
     python bench/run.py --report           # only redraw results.md / results.png from results.json
+    python bench/run.py --only sdxl-1024   # the SDXL-base-shaped rows at 1024 px (opt-in: ~14 GB disk, up to ~17 GB RAM)
+    python bench/run.py --code_root DIR    # time the trainers of another checkout (e.g. a `git archive` of a commit)
 
 Each configuration runs in a fresh process (bench/step_timer.py wraps the script unchanged), with
 the same flags for our trainer, the plain reference loop (bench/reference_loop.py) and the Flax
 trainer. Pipelines with random weights are generated under bench/pipelines/ when missing.
 Results are merged into bench/results.json by configuration name (so a partial rerun keeps the
-other rows), then bench/results.md and bench/results.png are redrawn from it. /proc/loadavg is
-recorded with every run: the machine may be shared, and load inflates every timing.
+other rows), then bench/results.md and bench/results.png are redrawn from it. /proc/loadavg and the
+CPU model are recorded with every run: the machine may be shared, and load inflates every timing.
+
+The Flax trainer keeps the loss on the device between fetches (--logging_steps, default 10), so its
+progress bar moves when a step is dispatched, not when it is done; its rows are timed between the
+moments it shows a loss (step_timer.py's sync_points), which prove every earlier step finished.
+A watchdog kills a run whose process tree passes its RSS limit (RSS_LIMIT_GB) or leaves less than
+MIN_AVAILABLE_GB of the machine's memory available, so that a configuration too big for the machine
+fails alone instead of swapping or waking the OOM killer for everyone else.
 """
 
 import argparse
@@ -38,11 +47,9 @@ README_MD = os.path.join(ROOT, "README.md")
 README_BEGIN, README_END = "<!-- bench tables: begin (written by bench/run.py) -->", "<!-- bench tables: end -->"
 TORCH_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 FLAX_PYTHON = os.path.join(ROOT, ".venv-flax", "bin", "python")
-SCRIPTS = {
-    "ours": os.path.join(ROOT, "textual_inversion.py"),
-    "reference": os.path.join(HERE, "reference_loop.py"),
-    "flax": os.path.join(ROOT, "textual_inversion_flax.py"),
-}
+SCRIPT_PATHS = {"ours": "textual_inversion.py", "reference": os.path.join("bench", "reference_loop.py"),
+                "flax": "textual_inversion_flax.py"}  # inside a code root (this checkout by default)
+SCRIPTS = {trainer: os.path.join(ROOT, path) for trainer, path in SCRIPT_PATHS.items()}
 TRAINER_LABEL = {"ours": "textual_inversion.py", "reference": "reference loop",
                  "flax": "textual_inversion_flax.py"}
 
@@ -52,16 +59,47 @@ TRAINER_LABEL = {"ours": "textual_inversion.py", "reference": "reference loop",
 # over thousands of steps; `encode_steps` in results.json lists the steps that encoded.
 NUM_IMAGES = 2
 TINY_STEPS = (5, 30)
+# Flax: warm-up and measured steps are multiples of its default --logging_steps (10), so the timed
+# stretch runs from one loss fetch (a proof that all steps so far are done) to another.
+TINY_FLAX_STEPS = (10, 30)
 SD15_STEPS = (5, 5)
 # The reference loop has no cache to fill: a shorter warm-up measures the same steady state.
 SD15_REFERENCE_STEPS = (2, 4)
+# SDXL-base-shaped pipeline at 1024 px: one warm-up step and two measured (each is tens of seconds
+# to minutes on a CPU). One training image: its two (image, flip) latents are encoded in steps 1
+# and 4 (encode_steps), so the measured steps 2-3 run from the cache, as the other rows' do.
+SDXL_STEPS = (1, 2)
+SDXL_IMAGES = 1
+# Rows that only run when --only names them (disk, memory and time: see bench/notes.md).
+OPT_IN = ("sdxl-1024",)
+# Watchdog: kill a run above this RSS (process tree) ...
+RSS_LIMIT_GB = {"sdxl-1024": 20.0}
+# ... and any run that leaves less than this available (/proc/meminfo MemAvailable) to the machine.
+MIN_AVAILABLE_GB = 1.0
+# Configurations that cannot fit on a 24 GB machine, with the memory they would need and how that
+# was estimated; they are recorded as "does not fit" instead of being started (--force runs them).
+_FLAX_SDXL_LOAD = ("the Flax trainer's loader alone peaks at ≈ 24.5 GB before the first step, in any precision: "
+                   "it reads the fp32 UNet (10.27 GB) into numpy and keeps it while it writes the transposed Flax "
+                   "copy (another ≈ 10.2 GB), with both text encoders and the VAE (3.6 GB fp32) already loaded and "
+                   "cast to bf16 only afterwards; measured: text_encoder_2 alone (2.78 GB) peaks at 5.96 GB; "
+                   "XLA's training activations come on top")
+TOO_BIG = {
+    "sdxl-1024-bf16-chunked-attention-flax": (24.5, _FLAX_SDXL_LOAD),
+    "sdxl-1024-fp32-chunked-attention-flax": (24.5, _FLAX_SDXL_LOAD),
+}
 
 
 def configurations():
     configs = []
     for batch in (1, 4):
         for trainer in ("ours", "reference", "flax"):
-            configs.append((f"tiny-b{batch}-{trainer}", trainer, "tiny", 64, batch, [], *TINY_STEPS))
+            steps = TINY_FLAX_STEPS if trainer == "flax" else TINY_STEPS
+            configs.append((f"tiny-b{batch}-{trainer}", trainer, "tiny", 64, batch, [], *steps))
+    # The tiny SDXL pipeline (two text encoders, both trained); the reference loop is SD-1.x only.
+    for batch in (1, 4):
+        for trainer in ("ours", "flax"):
+            steps = TINY_FLAX_STEPS if trainer == "flax" else TINY_STEPS
+            configs.append((f"tiny-sdxl-b{batch}-{trainer}", trainer, "tiny-sdxl", 64, batch, [], *steps))
     sd15 = [("fp32", []), ("bf16", ["--mixed_precision", "bf16"]), ("gc", ["--gradient_checkpointing"])]
     for variant, flags in sd15:
         for trainer in ("ours", "reference"):
@@ -73,7 +111,20 @@ def configurations():
     # Flax's counterpart of --enable_xformers_memory_efficient_attention: chunked attention (memory).
     configs.append(("sd15-fp32-chunked-attention-flax", "flax", "sd15", 512, 1,
                     ["--enable_xformers_memory_efficient_attention"], *SD15_STEPS))
+    # SDXL base 1.0's architecture at its native 1024 px, batch 1 (opt-in, see OPT_IN).
+    bf16, gc = ["--mixed_precision", "bf16"], ["--gradient_checkpointing"]
+    for variant, flags in (("bf16", bf16), ("bf16-gc", bf16 + gc), ("gc", gc), ("fp32", [])):
+        configs.append((f"sdxl-1024-{variant}-ours", "ours", "sdxl", 1024, 1, flags, *SDXL_STEPS))
+    chunked = ["--enable_xformers_memory_efficient_attention"]
+    for variant, flags in (("bf16-chunked-attention", bf16 + chunked), ("fp32-chunked-attention", chunked)):
+        configs.append((f"sdxl-1024-{variant}-flax", "flax", "sdxl", 1024, 1, flags, *SDXL_STEPS))
     return configs
+
+
+def prefixed(table, name, default=None):
+    """table's value for the longest key that starts name (per-family settings such as RSS_LIMIT_GB)."""
+    keys = [k for k in table if name.startswith(k)]
+    return table[max(keys, key=len)] if keys else default
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,11 +141,13 @@ def ensure_pipeline(size):
 
 
 def ensure_images(count=NUM_IMAGES, size=512):
-    """A few deterministic synthetic photos (gradients and shapes); content does not affect speed."""
+    """A few deterministic synthetic photos (gradients and shapes); content does not affect speed.
+    The folder holds exactly `count` images (images/ for the default count, images-N/ otherwise);
+    the first N of every folder are the same pictures."""
     import numpy as np
     from PIL import Image, ImageDraw
 
-    folder = os.path.join(WORK, "images")
+    folder = os.path.join(WORK, "images" if count == NUM_IMAGES else f"images-{count}")
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(count):
@@ -136,6 +189,45 @@ def loadavg():
         return " ".join(f.read().split()[:3])
 
 
+def mem_available_bytes():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def code_label(root):
+    """What code a run timed: the commit (and -dirty) of a git checkout, else the folder's name."""
+    try:
+        out = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty", "--exclude", "*"],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and os.path.isdir(os.path.join(root, ".git")):
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.path.basename(os.path.abspath(root))
+
+
+def synced_blocks(timing, warmup):
+    """[(seconds per step, steps)] of each stretch between consecutive loss fetches after the warm-up.
+
+    A fetch brings the loss of the latest step to the host, which cannot happen before every step
+    so far is computed; between two fetches the time per step is therefore exact even when the
+    trainer dispatches steps ahead of the device (JAX). A trainer that fetches every step gives one
+    block per step, the same numbers as the per-step intervals."""
+    return _blocks(timing, warmup, 1)
+
+
+def _blocks(timing, warmup, column):
+    points = []
+    for point in timing.get("sync_points", []):
+        steps = point[0]
+        if steps >= warmup and len(point) > column and (not points or steps > points[-1][0]):
+            points.append((steps, point[column]))
+    return [((t1 - t0) / (n1 - n0), n1 - n0) for (n0, t0), (n1, t1) in zip(points, points[1:])]
+
+
 # --------------------------------------------------------------------------------------------------
 # One run
 
@@ -157,24 +249,54 @@ def tree_rss(proc):
     return total
 
 
-def run_one(config, images, profile_step=None):
+def kill_tree(proc):
+    """Kill a process we started and its descendants (by pid)."""
+    import psutil
+
+    try:
+        procs = proc.children(recursive=True) + [proc]
+    except psutil.Error:
+        procs = [proc]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def run_one(config, images, profile_step=None, code_root=ROOT, extra_flags=(), tag=None, max_rss_gb=None,
+            force=False, env_extra=None):
+    """Run one configuration in a fresh process and return its result row.
+
+    code_root: the checkout whose trainers are timed; extra_flags are appended to the configuration's;
+    tag names the run's log/output files (default: the configuration's name); max_rss_gb overrides
+    the configuration's RSS limit (RSS_LIMIT_GB); env_extra is added to the run's environment (e.g.
+    OMP_NUM_THREADS). A configuration in TOO_BIG is not started unless force."""
     import psutil
 
     name, trainer, size, resolution, batch, extra, warmup, measured = config
-    script = SCRIPTS[trainer]
+    extra = list(extra) + list(extra_flags)
+    tag = tag or name
+    script = os.path.join(code_root, SCRIPT_PATHS[trainer])
     python = FLAX_PYTHON if trainer == "flax" else TORCH_PYTHON
     result = {"name": name, "trainer": trainer, "pipeline": size, "resolution": resolution, "batch": batch,
-              "flags": extra, "warmup_steps": warmup, "measured_steps": measured}
+              "flags": extra, "warmup_steps": warmup, "measured_steps": measured, "cpu": machine_info()["cpu"],
+              "code": code_label(code_root)}
+    if name in TOO_BIG and not force:
+        needed_gb, how = TOO_BIG[name]
+        result.update(status="does not fit", needed_gb=needed_gb, error=f"needs ≈ {needed_gb:.0f} GB: {how}",
+                      measured_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        return result
     if not os.path.isfile(script):
         result.update(status="missing", error=f"{os.path.relpath(script, ROOT)} does not exist in this checkout")
         return result
     if not os.path.isfile(python):
         result.update(status="missing", error=f"{os.path.relpath(python, ROOT)} does not exist (make setup-flax)")
         return result
-    out_dir = os.path.join(WORK, "runs", name)
+    out_dir = os.path.join(WORK, "runs", tag)
     os.makedirs(os.path.join(WORK, "logs"), exist_ok=True)
-    timing_file = os.path.join(WORK, "logs", f"{name}.timing.json")
-    log_file = os.path.join(WORK, "logs", f"{name}.log")
+    timing_file = os.path.join(WORK, "logs", f"{tag}.timing.json")
+    log_file = os.path.join(WORK, "logs", f"{tag}.log")
     for stale in (timing_file, os.path.splitext(timing_file)[0] + ".profile.txt"):
         if os.path.exists(stale):
             os.unlink(stale)
@@ -189,18 +311,36 @@ def run_one(config, images, profile_step=None):
         env["BENCH_LOG_HOOK"] = "accelerate"
     if profile_step is not None:
         env["BENCH_PROFILE_STEP"] = str(profile_step)
+    env.update(env_extra or {})
+    if env_extra:
+        result["env"] = dict(env_extra)
+    result["threads"] = int(env.get("OMP_NUM_THREADS") or os.cpu_count())  # torch's intra-op threads
+    limit_gb = max_rss_gb if max_rss_gb is not None else prefixed(RSS_LIMIT_GB, name)
     result["loadavg_start"] = loadavg()
     load_samples = []
     peak_tree = 0
-    print(f"[bench] {name}: {warmup}+{measured} steps (load {result['loadavg_start']})", flush=True)
+    killed = None
+    print(f"[bench] {tag}: {warmup}+{measured} steps (load {result['loadavg_start']}"
+          f"{f', RSS limit {limit_gb:g} GB' if limit_gb else ''})", flush=True)
     start = time.time()
     with open(log_file, "w") as log:
         child = subprocess.Popen([python, os.path.join(HERE, "step_timer.py"), timing_file, script] + flags,
-                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                 cwd=code_root, env=env, stdout=log, stderr=subprocess.STDOUT)
         watched = psutil.Process(child.pid)
         next_load = start
         while child.poll() is None:
-            peak_tree = max(peak_tree, tree_rss(watched))
+            rss = tree_rss(watched)
+            peak_tree = max(peak_tree, rss)
+            available = mem_available_bytes()
+            if killed is None and limit_gb and rss > limit_gb * 1e9:
+                killed = f"killed by the watchdog at {rss / 1e9:.1f} GB RSS (limit {limit_gb:g} GB)"
+            elif killed is None and available is not None and available < MIN_AVAILABLE_GB * 1e9:
+                killed = (f"killed by the watchdog at {rss / 1e9:.1f} GB RSS: the machine had "
+                          f"{available / 1e9:.1f} GB available (minimum {MIN_AVAILABLE_GB:g} GB)")
+            if killed:
+                kill_tree(watched)
+                child.wait()
+                break
             if time.time() >= next_load:
                 load_samples.append(float(loadavg().split()[0]))
                 next_load += 5.0
@@ -214,12 +354,29 @@ def run_one(config, images, profile_step=None):
         with open(timing_file) as f:
             timing = json.load(f)
     ends = timing.get("step_end_times", [])
+    if killed:
+        result.update(status="killed", steps_done=len(ends), peak_rss_gb=round(peak_tree / 1e9, 3),
+                      error=f"{killed} after {wall:.0f} s, {len(ends)} steps done")
+        return result
     if child.returncode != 0 or len(ends) < warmup + measured:
         with open(log_file, errors="replace") as f:
             tail = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()][-3:]
         result.update(status="failed", steps_done=len(ends), error=" | ".join(tail)[-400:])
         return result
     intervals = [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])]
+    cpu = timing.get("step_cpu_times", [])
+    cpu_intervals = [b - a for a, b in zip(cpu[warmup - 1:], cpu[warmup:])]
+    if trainer == "flax":
+        # Between loss fetches only (see synced_blocks); per-step bar times may be dispatch times.
+        blocks = synced_blocks(timing, warmup)
+        if not blocks:
+            result.update(status="failed", steps_done=len(ends),
+                          error="no two loss fetches after the warm-up to time between")
+            return result
+        result["synced_blocks"] = [[round(s, 4), n] for s, n in blocks]
+        result["dispatch_intervals_s"] = [round(x, 4) for x in intervals]
+        intervals = [s for s, n in blocks for _ in range(n)]  # each step of a block at its block's rate
+        cpu_intervals = [s for s, n in _blocks(timing, warmup, 2) for _ in range(n)]
     losses = timing.get("logged_losses") or timing.get("losses") or []
     peak_self = timing.get("peak_rss_bytes") or 0
     result.update(
@@ -234,8 +391,11 @@ def run_one(config, images, profile_step=None):
         losses=[round(x, 6) for x in losses],
         step_intervals_s=[round(x, 4) for x in intervals],
     )
+    if cpu_intervals:  # process CPU time per step (all threads): less sensitive to other load than wall time
+        result["cpu_s_per_step_median"] = round(statistics.median(cpu_intervals), 4)
     if trainer == "ours":
         result["encode_steps"] = encode_steps(images, batch, warmup + measured)
+    result["images"] = os.path.relpath(images, ROOT)
     profile = os.path.splitext(timing_file)[0] + ".profile.txt"
     if os.path.isfile(profile):
         result["profile"] = os.path.relpath(profile, ROOT)
@@ -301,14 +461,18 @@ def write_markdown(data):
     out = ["# Benchmark results", "",
            "Generated by `make bench` (`bench/run.py`) from `bench/results.json`; do not edit by hand. "
            "Random-weight pipelines from `tools/make_tiny_pipeline.py` (`tiny`: 64 px; `sd15`: the SD-1.5 "
-           "architecture, 512 px). s/step is the median over the measured steps after the warm-up steps; "
+           "architecture, 512 px; `tiny-sdxl`: a tiny SDXL pipeline, 64 px; `sdxl`: SDXL base 1.0's "
+           "architecture, 1024 px). s/step is the median over the measured steps after the warm-up steps "
+           "(Flax rows: over the stretches between loss fetches, the only moments its steps are known to be done); "
            "time to first step counts from process start (imports, model loading, first step); peak RSS "
            "is the OS high-water mark of the trainer process (and its children, sampled). Speed-up is the "
            "reference loop's s/step over this row's (the reference row of the same configuration, run next to it). "
            "Load average (1/5/15 min, /proc/loadavg) is recorded at the start of each run: on a shared "
-           "machine a load above the core count inflates every number in that row.", "",
-           f"Machine: {data.get('machine', {}).get('cpu', '?')}, {data.get('machine', {}).get('cores', '?')} cores, "
-           f"torch threads = cores.", ""] + table_lines(results)
+           "machine a load above the core count inflates every number in that row. Rows measured on "
+           "different machines or sessions are not comparable with each other: the machine column says which.", "",
+           "Machines: " + "; ".join(f"{label} = {cpu}" for cpu, label in machine_labels(results).items())
+           + f", {data.get('machine', {}).get('cores', '?')} cores, torch threads = cores unless the machine column "
+           "says otherwise (OMP_NUM_THREADS).", ""] + table_lines(results)
     out += ["", "![s/step and peak RSS per configuration](results.png)", ""]
     if os.path.isfile(NOTES_MD):
         with open(NOTES_MD) as f:
@@ -318,26 +482,41 @@ def write_markdown(data):
             f.write("\n".join(out))
 
 
+def machine_labels(results):
+    """{cpu model: short label} of the machines the rows were measured on, in order of first use."""
+    labels = {}
+    for r in results.values():
+        cpu = r.get("cpu", "?")
+        if cpu not in labels:
+            labels[cpu] = chr(ord("A") + len(labels))
+    return labels
+
+
 def table_lines(results):
     """The results table and the targets table (markdown lines), for results.md and the README."""
     order = [c[0] for c in configurations()]
     rows = [results[n] for n in order if n in results] + [r for n, r in results.items() if n not in order]
+    machines = machine_labels(results)
     out = ["| configuration | trainer | s/step (median) | steps/s | speed-up vs reference | time to first step (s) "
-           "| peak RSS (GB) | final loss | steps (warm-up + measured) | load avg at start | measured at |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
+           "| peak RSS (GB) | final loss | steps (warm-up + measured) | load avg at start | machine | measured at |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     for r in rows:
         label = r["name"].rsplit("-", 1)[0]
         trainer = TRAINER_LABEL.get(r["trainer"], r["trainer"])
         steps = f"{r['warmup_steps']} + {r['measured_steps']}"
+        machine = machines.get(r.get("cpu", "?"), "?")
+        if r.get("threads") and r["threads"] != os.cpu_count():
+            machine += f", {r['threads']} thread{'s' if r['threads'] > 1 else ''}"
         if r.get("status") != "ok":
             reason = r.get("status", "?") + ": " + str(r.get("error", "")).replace("|", "/")
-            out.append(f"| {label} | {trainer} | – | – | – | – | – | – | {steps} | {r.get('loadavg_start', '–')} "
-                       f"| {r.get('measured_at', '–')} ({reason}) |")
+            peak = f"≥ {r['peak_rss_gb']:.2f}" if r.get("peak_rss_gb") else "–"
+            out.append(f"| {label} | {trainer} | – | – | – | – | {peak} | – | {steps} | {r.get('loadavg_start', '–')} "
+                       f"| {machine} | {r.get('measured_at', '–')} ({reason}) |")
             continue
         ratio = speedup(results, r)
         out.append(f"| {label} | {trainer} | {r['s_per_step_median']:.3f} | {1 / r['s_per_step_median']:.2f} "
                    f"| {fmt(ratio, '.2f')}{'×' if ratio else ''} | {r['first_step_s']:.1f} | {r['peak_rss_gb']:.2f} "
-                   f"| {fmt(r['final_loss'], '.4f')} | {steps} | {r['loadavg_start']} | {r['measured_at']} |")
+                   f"| {fmt(r['final_loss'], '.4f')} | {steps} | {r['loadavg_start']} | {machine} | {r['measured_at']} |")
     out += ["", "Targets of issue 6:", "", "| target | measured | met |", "|---|---|---|"]
     for target, measured, ok in targets(results):
         out.append(f"| {target} | {measured} | {'yes' if ok else '**no**'} |")
@@ -367,7 +546,7 @@ def write_plot(data):
     colours = {"ours": (31, 119, 180), "reference": (214, 39, 40), "flax": (44, 160, 44)}
     font = ImageFont.load_default()
     groups = [(size, [results[n] for n in order if n in results and results[n]["pipeline"] == size
-                      and results[n].get("status") == "ok"]) for size in ("tiny", "sd15")]
+                      and results[n].get("status") == "ok"]) for size in ("tiny", "tiny-sdxl", "sd15", "sdxl")]
     groups = [(s, rows) for s, rows in groups if rows]
     bar_h, label_w, panel_w, pad = 18, 190, 330, 14
     height = pad + sum(40 + len(rows) * (bar_h + 6) for _, rows in groups) + 40
@@ -413,19 +592,31 @@ def main(argv=None):
     parser.add_argument("--report", action="store_true", help="only redraw results.md and results.png")
     parser.add_argument("--profile_step", type=int, default=None,
                         help="profile two steps after this many (torch scripts) into bench/pipelines/logs/")
+    parser.add_argument("--code_root", default=ROOT,
+                        help="checkout whose trainers are timed (default: this one), e.g. a `git archive` of a commit")
+    parser.add_argument("--max_rss_gb", type=float, default=None,
+                        help="watchdog: kill a run whose process tree passes this RSS (default: RSS_LIMIT_GB per row)")
+    parser.add_argument("--force", action="store_true", help="also start the configurations in TOO_BIG")
     args = parser.parse_args(argv)
 
     data = {"runs": {}}
     if os.path.isfile(RESULTS_JSON):
         with open(RESULTS_JSON) as f:
             data = json.load(f)
+    for row in data["runs"].values():  # rows from before the cpu field: the machine recorded then
+        row.setdefault("cpu", data.get("machine", {}).get("cpu", "?"))
     data["machine"] = machine_info()
     if not args.report:
-        chosen = [c for c in configurations() if (not args.only or any(o in c[0] for o in args.only))
-                  and not any(s in c[0] for s in args.skip)]
-        images = ensure_images()
+        def wanted(name):
+            if any(name.startswith(p) for p in OPT_IN):  # opt-in rows: only when --only names them
+                return any(p in o for o in args.only for p in OPT_IN if name.startswith(p))
+            return not args.only or any(o in name for o in args.only)
+
+        chosen = [c for c in configurations() if wanted(c[0]) and not any(s in c[0] for s in args.skip)]
         for config in chosen:
-            result = run_one(config, images, args.profile_step)
+            images = ensure_images(prefixed({"sdxl-1024": SDXL_IMAGES}, config[0], NUM_IMAGES))
+            result = run_one(config, images, args.profile_step, code_root=args.code_root,
+                             max_rss_gb=args.max_rss_gb, force=args.force)
             data["runs"][config[0]] = result
             if result.get("status") == "ok":
                 print(f"[bench] {config[0]}: {result['s_per_step_median']:.3f} s/step, first step "

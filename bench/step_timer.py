@@ -9,6 +9,14 @@ them the same way without touching their code. Written at exit to OUT.json: wall
 step (time.time(), comparable with the parent's launch time), the loss of each step, the exit
 code and the OS's peak resident set size of this process (VmHWM).
 
+A trainer that keeps the loss on its device between fetches (the Flax trainer's --logging_steps)
+advances the bar when a step is *dispatched*, which can be long before it is computed: only the
+moments it shows a loss (set_postfix, after bringing the loss to the host) prove that every step so
+far is done. Those are recorded as sync_points, [steps done, time, process CPU time], and
+bench/run.py times such a trainer between them. step_cpu_times holds the process's CPU time (all
+threads, time.process_time()) at each step end: on a loaded machine it moves much less than the
+wall clock (but it also counts threads spinning while they wait for each other).
+
 With BENCH_RSS_TRACE=1 the resident size is sampled every 0.1 s into OUT.json's rss_trace.
 With BENCH_PROFILE_STEP=N (torch scripts), steps N+1 and N+2 run under torch.profiler and the
 operator table is written next to OUT.json as OUT.profile.txt.
@@ -31,7 +39,8 @@ def peak_rss_bytes():
 
 def main():
     out_path, script, script_args = sys.argv[1], sys.argv[2], sys.argv[3:]
-    record = {"script": script, "step_end_times": [], "losses": [], "exit_code": None}
+    record = {"script": script, "step_end_times": [], "step_cpu_times": [], "losses": [], "sync_points": [],
+              "exit_code": None}
     profile_step = int(os.environ.get("BENCH_PROFILE_STEP", "-1"))
     profiler = []
 
@@ -43,6 +52,7 @@ def main():
         # Only the training bar ("Steps"), not download/shard/validation bars.
         if str(getattr(self, "desc", "")).startswith("Steps"):
             record["step_end_times"].append(time.time())
+            record["step_cpu_times"].append(time.process_time())
             done = len(record["step_end_times"])
             if done == profile_step:
                 import torch
@@ -62,6 +72,7 @@ def main():
         if str(getattr(self, "desc", "")).startswith("Steps"):
             loss = kwargs.get("loss", (ordered_dict or {}).get("loss"))
             if loss is not None:
+                record["sync_points"].append([len(record["step_end_times"]), time.time(), time.process_time()])
                 try:
                     record["losses"].append(float(loss))
                 except (TypeError, ValueError):
