@@ -75,7 +75,7 @@ OPT_IN = ("sdxl-1024",)
 # Watchdog: kill a run above this RSS (process tree) ...
 RSS_LIMIT_GB = {"sdxl-1024": 20.0}
 # ... and any run that leaves less than this available (/proc/meminfo MemAvailable) to the machine.
-MIN_AVAILABLE_GB = 1.0
+MIN_AVAILABLE_GB = 1.5
 # Configurations that cannot fit on a 24 GB machine, with the memory they would need and how that
 # was estimated; they are recorded as "does not fit" instead of being started (--force runs them).
 _FLAX_SDXL_LOAD = ("the Flax trainer's loader alone peaks at ≈ 24.5 GB before the first step, in any precision: "
@@ -315,11 +315,16 @@ def run_one(config, images, profile_step=None, code_root=ROOT, extra_flags=(), t
     if env_extra:
         result["env"] = dict(env_extra)
     result["threads"] = int(env.get("OMP_NUM_THREADS") or os.cpu_count())  # torch's intra-op threads
+    malloc = {k: v for k, v in env.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    if malloc:  # glibc settings change peak RSS (and time): recorded with the row
+        result["malloc_env"] = malloc
     limit_gb = max_rss_gb if max_rss_gb is not None else prefixed(RSS_LIMIT_GB, name)
     result["loadavg_start"] = loadavg()
     load_samples = []
     peak_tree = 0
     killed = None
+    rss_trace = []  # [seconds since start, GB] every 2 s, kept for rows with an RSS limit (the big ones)
+    next_trace = time.time()
     print(f"[bench] {tag}: {warmup}+{measured} steps (load {result['loadavg_start']}"
           f"{f', RSS limit {limit_gb:g} GB' if limit_gb else ''})", flush=True)
     start = time.time()
@@ -331,6 +336,9 @@ def run_one(config, images, profile_step=None, code_root=ROOT, extra_flags=(), t
         while child.poll() is None:
             rss = tree_rss(watched)
             peak_tree = max(peak_tree, rss)
+            if limit_gb and time.time() >= next_trace:
+                rss_trace.append([round(time.time() - start, 1), round(rss / 1e9, 2)])
+                next_trace += 2.0
             available = mem_available_bytes()
             if killed is None and limit_gb and rss > limit_gb * 1e9:
                 killed = f"killed by the watchdog at {rss / 1e9:.1f} GB RSS (limit {limit_gb:g} GB)"
@@ -349,6 +357,8 @@ def run_one(config, images, profile_step=None, code_root=ROOT, extra_flags=(), t
     result.update(loadavg_end=loadavg(), loadavg_1min_mean=round(statistics.fmean(load_samples), 2),
                   wall_s=round(wall, 2), exit_code=child.returncode, log=os.path.relpath(log_file, ROOT),
                   measured_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    if rss_trace:
+        result["rss_trace_gb"] = rss_trace
     timing = {}
     if os.path.isfile(timing_file):
         with open(timing_file) as f:
@@ -502,6 +512,8 @@ def table_lines(results):
            "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     for r in rows:
         label = r["name"].rsplit("-", 1)[0]
+        if r.get("malloc_env"):
+            label += " (" + ", ".join(f"{k}={v}" for k, v in r["malloc_env"].items()) + ")"
         trainer = TRAINER_LABEL.get(r["trainer"], r["trainer"])
         steps = f"{r['warmup_steps']} + {r['measured_steps']}"
         machine = machines.get(r.get("cpu", "?"), "?")
@@ -608,8 +620,8 @@ def main(argv=None):
     data["machine"] = machine_info()
     if not args.report:
         def wanted(name):
-            if any(name.startswith(p) for p in OPT_IN):  # opt-in rows: only when --only names them
-                return any(p in o for o in args.only for p in OPT_IN if name.startswith(p))
+            if any(name.startswith(p) for p in OPT_IN):  # opt-in rows: only when an --only naming them chose them
+                return any(o in name and p in o for o in args.only for p in OPT_IN if name.startswith(p))
             return not args.only or any(o in name for o in args.only)
 
         chosen = [c for c in configurations() if wanted(c[0]) and not any(s in c[0] for s in args.skip)]
