@@ -168,6 +168,28 @@ def verify_params(flat, expected, where):
                             f"the model config needs {tuple(spec.shape)}; the config and weights do not match")
 
 
+# UNet settings diffusers' Flax UNet (0.39) has no option for: it silently computes with the value
+# on the right (e.g. GroupNorm is always 32 groups), so a model saved with another value would train
+# a different network than the one users sample with. Weights alone cannot show this.
+FLAX_UNET_FIXED_SETTINGS = {
+    "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu", "resnet_time_scale_shift": "default",
+    "time_embedding_type": "positional", "conv_in_kernel": 3, "conv_out_kernel": 3, "class_embed_type": None,
+    "num_class_embeds": None, "encoder_hid_dim": None, "time_cond_proj_dim": None, "cross_attention_norm": None,
+    "attention_type": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "dual_cross_attention": False, "timestep_post_act": None,
+}
+
+
+def check_flax_unet_config(config, folder):
+    """Stop with one line when the UNet's config asks for something the Flax UNet cannot compute."""
+    differing = [f"{key}={config[key]!r} (Flax always uses {fixed!r})" for key, fixed in FLAX_UNET_FIXED_SETTINGS.items()
+                 if key in config and config[key] != fixed and not (isinstance(fixed, float) and config[key] is not None
+                                                                  and abs(config[key] - fixed) < 1e-12)]
+    if differing:
+        raise UserError(f"{folder}/config.json sets {', '.join(differing)}, which diffusers' Flax UNet cannot "
+                        "reproduce; train this model with textual_inversion.py")
+
+
 def load_component(folder, name, variant, dtype, config_overrides=None):
     """(flax model, params as a nested dict of numpy float32 arrays, source description).
 
@@ -191,9 +213,12 @@ def load_component(folder, name, variant, dtype, config_overrides=None):
         from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 
         cls = FlaxUNet2DConditionModel if name == "unet" else FlaxAutoencoderKL
+        stored_config = cls.load_config(sub)
+        if name == "unet":
+            check_flax_unet_config(stored_config, sub)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = cls.from_config(cls.load_config(sub), dtype=dtype, **(config_overrides or {}))
+            model = cls.from_config(stored_config, dtype=dtype, **(config_overrides or {}))
         library = "diffusers"
         shapes = jax.eval_shape(model.init_weights, rng)
     expected = flatten_dict(shapes)

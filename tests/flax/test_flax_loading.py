@@ -107,6 +107,23 @@ def test_foreign_tensor_is_refused(tiny_pipeline, tmp_path):
         _load(folder, "vae")
 
 
+def test_unet_setting_the_flax_unet_cannot_compute_is_refused(tiny_pipeline, tmp_path):
+    """diffusers' Flax UNet always uses 32 GroupNorm groups: a UNet saved with 16 would load every weight
+    and still compute another network (seen: loss 1.35 in Flax vs 0.75 in PyTorch on the same inputs)."""
+    folder = str(tmp_path / "groups")
+    shutil.copytree(tiny_pipeline, folder)
+    config_path = os.path.join(folder, "unet", "config.json")
+    config = json.load(open(config_path))
+    assert config["norm_num_groups"] == 32
+    _load(folder, "unet")  # the stored defaults pass
+    config.update(norm_num_groups=16, act_fn="gelu")
+    json.dump(config, open(config_path, "w"))
+    with pytest.raises(UserError, match=r"norm_num_groups=16 \(Flax always uses 32\), act_fn='gelu'.*"
+                                        r"textual_inversion\.py") as err:
+        _load(folder, "unet")
+    assert "\n" not in str(err.value)
+
+
 def test_noise_schedule_comes_from_the_model_config(tiny_pipeline, tmp_path):
     folder = str(tmp_path / "vpred")
     shutil.copytree(tiny_pipeline, folder)
