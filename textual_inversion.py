@@ -21,7 +21,7 @@ import os
 import sys
 import warnings
 
-from textual_inversion_core import checkpoints, embeddings, hub, outputs, run
+from textual_inversion_core import checkpoints, controls, embeddings, hub, outputs, run
 from textual_inversion_core.cli import parse_args, public_config
 from textual_inversion_core.errors import UserError, run_cli
 from textual_inversion_core.preflight import fit_init_vectors, load_run_inputs
@@ -103,11 +103,12 @@ def main(argv=None, prog="textual_inversion.py"):
     tables = [te.get_input_embeddings().weight.data for te in text_encoders]
     starts = fit_init_vectors(args, inputs.init_vectors, [t.shape[1] for t in tables])
     vector_sets = []
-    for text_encoder, tokenizer, table, (placeholder_ids, initializer_ids), start in zip(
-            text_encoders, models.tokenizers, tables, added, starts):
-        if start is None:  # the initializer word's embedding, or a phrase's (tokens.initializer_rows)
-            start = initializer_vectors(table.float().numpy(), initializer_ids, args.num_vectors)
-        vector_sets.append(tm.insert_placeholder_embedding(text_encoder, len(tokenizer), placeholder_ids, start).vectors)
+    for i, (text_encoder, tokenizer, table, (placeholder_ids, initializer_ids)) in enumerate(
+            zip(text_encoders, models.tokenizers, tables, added)):
+        if starts[i] is None:  # the initializer word's embedding, or a phrase's (tokens.initializer_rows)
+            starts[i] = initializer_vectors(table.float().numpy(), initializer_ids, args.num_vectors)
+        vector_sets.append(tm.insert_placeholder_embedding(text_encoder, len(tokenizer), placeholder_ids,
+                                                           starts[i]).vectors)
     del tables
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -147,11 +148,17 @@ def main(argv=None, prog="textual_inversion.py"):
         accelerator.init_trackers("textual_inversion", config=config)
 
     latents = run.LatentCache(dataset, tm.encode_posteriors(vae, device), on_full=lambda: tm.free_vae_encoder(vae))
-    num_timesteps = models.noise_scheduler.config.num_train_timesteps
+    # --snr_gamma, --noise_offset, the timestep range and the norm control (all off without their flags).
+    control = controls.from_args(args, models.noise_scheduler.config.num_train_timesteps)
+    norm_targets = controls.norm_targets(control, starts)  # from the start vectors: a resume re-derives them
+    if norm_targets is not None:
+        norm_targets = [torch.from_numpy(t).to(device) for t in norm_targets]
+    norm_keys = controls.norm_log_keys(len(vector_sets))
 
     def batch_for(step):  # with buckets the latent shape is the step's bucket's
         batch = run.host_batch(plan, dataset, latents, seed, step, accelerator.process_index)
-        return [tm.device_batch(batch, micro, prompt_ids, num_timesteps, vae.config.scaling_factor, device)
+        return [tm.device_batch(batch, micro, prompt_ids, control.timestep_range, vae.config.scaling_factor, device,
+                                control.noise_offset)
                 for micro in range(plan.accumulation)]
 
     def interrupted_anywhere(stop):
@@ -173,15 +180,17 @@ def main(argv=None, prog="textual_inversion.py"):
     # ---- Loop
     with run.StopSignals() as stop:
         while step < plan.max_train_steps:
-            loss = tm.train_step(accelerator, models, optimizer, vector_sets, batch_for(step), lrs[step], weight_dtype)
-            losses.add(step + 1, loss, lrs[step])
+            loss, norms = tm.train_step(accelerator, models, optimizer, vector_sets, batch_for(step), lrs[step],
+                                        weight_dtype, control, norm_targets)
+            losses.add(step + 1, loss, lrs[step], dict(zip(norm_keys, norms)))
             step += 1
             progress.update(1)
             actions = plan.actions(step, interrupted_anywhere(stop))
             if actions.fetch_losses:
-                for logged_step, value, lr in losses.fetch(lambda values: torch.stack(values).tolist()):
-                    accelerator.log({"loss": value, "lr": lr}, step=logged_step)
-                progress.set_postfix(loss=f"{losses.history[-1][1]:.4f}", lr=f"{lrs[step - 1]:.2e}")
+                for logged_step, value, lr, extras in losses.fetch(lambda values: torch.stack(values).tolist()):
+                    accelerator.log({"loss": value, "lr": lr, **extras}, step=logged_step)
+                progress.set_postfix({"loss": f"{losses.history[-1][1]:.4f}", **run.norm_postfix(losses.last_extras),
+                                      "lr": f"{lrs[step - 1]:.2e}"})  # in this order: loss, norm(s), lr
                 run.check_finite_vectors(host_sets(), step)
             if accelerator.is_main_process:
                 if actions.save_embeddings:

@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from textual_inversion_core import checkpoints, embeddings, hub, outputs, run
+from textual_inversion_core import checkpoints, controls, embeddings, hub, outputs, run
 from textual_inversion_core.cli import parse_args
 from textual_inversion_core.errors import UserError, run_cli
 from textual_inversion_core.preflight import fit_init_vectors, load_run_inputs
@@ -146,11 +146,16 @@ def main(argv=None):
 
     vae = models["vae"]
     latents = run.LatentCache(dataset, fm.encode_posteriors(vae, vae_params))
+    # --snr_gamma, --noise_offset, the timestep range and the norm control (all off without their flags); the
+    # start norms come from the start vectors, which a resume re-derives.
+    control = controls.from_args(args, int(noise_scheduler.config.num_train_timesteps))
+    norm_keys = controls.norm_log_keys(len(encoder_names))
     loss_fn = fm.make_denoising_loss([models[name] for name in encoder_names], models["unet"], noise_scheduler,
-                                     [ids for ids, _ in added], weight_dtype)
+                                     [ids for ids, _ in added], weight_dtype, control.snr_gamma)
     # The latent shape comes with each batch: with buckets pmap compiles the step once per bucket shape.
     train_step = jax.pmap(fm.make_train_step(loss_fn, optimizer, float(vae.config.scaling_factor),
-                                             int(noise_scheduler.config.num_train_timesteps)),
+                                             int(noise_scheduler.config.num_train_timesteps), control,
+                                             controls.norm_targets(control, starts)),
                           axis_name="batch", donate_argnums=(0,))  # all hosts' devices: pmean spans them
     # Inputs laid out exactly as pmap lays out its outputs (same mesh axis name), so that step 2
     # reuses step 1's executable instead of compiling the step a second time.
@@ -201,15 +206,16 @@ def main(argv=None):
     # ---- Loop
     with run.StopSignals() as stop:
         while step < plan.max_train_steps:
-            p_state, p_loss = train_step(p_state, p_frozen, batch_for(step))
-            losses.add(step + 1, p_loss, lrs[step])
+            p_state, p_loss, p_norms = train_step(p_state, p_frozen, batch_for(step))
+            losses.add(step + 1, p_loss, lrs[step], dict(zip(norm_keys, p_norms)))
             step += 1
             progress.update(1)
             actions = plan.actions(step, interrupted_anywhere(stop))
             if actions.fetch_losses:
-                for logged_step, value, lr in losses.fetch(lambda values: [np.asarray(v)[0] for v in values]):
-                    tracker.log({"loss": value, "lr": lr}, logged_step)
-                progress.set_postfix(loss=f"{losses.history[-1][1]:.4f}", lr=f"{lrs[step - 1]:.2e}")
+                for logged_step, value, lr, extras in losses.fetch(lambda values: [np.asarray(v)[0] for v in values]):
+                    tracker.log({"loss": value, "lr": lr, **extras}, logged_step)
+                progress.set_postfix({"loss": f"{losses.history[-1][1]:.4f}", **run.norm_postfix(losses.last_extras),
+                                      "lr": f"{lrs[step - 1]:.2e}"})  # in this order: loss, norm(s), lr
                 run.check_finite_vectors(host_sets(), step)
             if is_main:
                 if actions.save_embeddings:

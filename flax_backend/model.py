@@ -56,14 +56,15 @@ def exact_gelu_interceptor(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
-def make_denoising_loss(text_encoders, unet, noise_scheduler, placeholder_id_sets, weight_dtype):
+def make_denoising_loss(text_encoders, unet, noise_scheduler, placeholder_id_sets, weight_dtype, snr_gamma=None):
     """loss(vector_sets, params, scheduler_state, latents, noise, timesteps, input_id_sets, time_ids) -> fp32 scalar.
 
     One text encoder (SD-1.x/2.x): its last hidden state conditions the UNet. Two (SDXL): both penultimate
     hidden states side by side, plus text_encoder_2's pooled projection and the time_ids (original size,
     crop top-left, target size). params = {"text_encoder": ..., ["text_encoder_2": ...,] "unet": ...}.
     MSE between the UNet's prediction and the target (noise for epsilon models, velocity for v_prediction
-    models), as torch_backend.model.prediction_loss.
+    models), as torch_backend.model.prediction_loss; with snr_gamma (--snr_gamma) each example's MSE is weighted
+    by its min-SNR-gamma weight before the mean over examples (diffusers' train_text_to_image.py).
     """
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     names = ("text_encoder", "text_encoder_2")[: len(text_encoders)]
@@ -89,6 +90,14 @@ def make_denoising_loss(text_encoders, unet, noise_scheduler, placeholder_id_set
             pred = unet.apply({"params": params["unet"]}, noisy.astype(weight_dtype), timesteps,
                               hidden.astype(weight_dtype), added_cond_kwargs=added).sample
         target = noise_scheduler.get_velocity(scheduler_state, latents, noise, timesteps) if v_prediction else noise
+        if snr_gamma is not None:
+            if mask is not None:
+                per_example = masked_mse_per_example(pred, target, mask)
+            else:
+                per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)),
+                                       axis=tuple(range(1, pred.ndim)))
+            weights = min_snr_weights(scheduler_state.common.alphas_cumprod, timesteps, snr_gamma, v_prediction)
+            return jnp.mean(per_example * weights)
         if mask is not None:
             return masked_mse(pred, target, mask)
         return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
@@ -100,10 +109,52 @@ def masked_mse(prediction, target, mask):
     """The masked loss, as torch_backend.model.masked_mse: per example sum(w * err^2) / sum(w) with mask
     [batch, 1, h, w] broadcast over the latent channels, then the mean over examples (so D devices still
     equal one). A weight of 0 gives that latent pixel no gradient; all ones equals the plain mean."""
+    return jnp.mean(masked_mse_per_example(prediction, target, mask))
+
+
+def masked_mse_per_example(prediction, target, mask):
+    """masked_mse before the mean over examples: [batch]."""
     weights = jnp.broadcast_to(mask.astype(jnp.float32), prediction.shape)
     error = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
     axes = tuple(range(1, prediction.ndim))
-    return jnp.mean(jnp.sum(weights * error, axis=axes) / jnp.maximum(jnp.sum(weights, axis=axes), 1e-12))
+    return jnp.sum(weights * error, axis=axes) / jnp.maximum(jnp.sum(weights, axis=axes), 1e-12)
+
+
+def compute_snr(alphas_cumprod, timesteps):
+    """SNR(t) = alphas_cumprod / (1 - alphas_cumprod) at each timestep, as diffusers.training_utils.compute_snr."""
+    alpha = jnp.sqrt(alphas_cumprod)[timesteps].astype(jnp.float32)
+    sigma = jnp.sqrt(1.0 - alphas_cumprod)[timesteps].astype(jnp.float32)
+    return (alpha / sigma) ** 2
+
+
+def min_snr_weights(alphas_cumprod, timesteps, gamma, v_prediction=False):
+    """Min-SNR-gamma weights [batch], as torch_backend.model.min_snr_weights (reference:
+    textual_inversion_core.controls.min_snr_weights): min(SNR, gamma) / SNR, for v_prediction / (SNR + 1)."""
+    snr = compute_snr(alphas_cumprod, timesteps)
+    clipped = jnp.minimum(snr, jnp.float32(gamma))
+    if v_prediction:
+        return clipped / (snr + 1)
+    return jnp.where(snr > 0, clipped / jnp.where(snr > 0, snr, 1.0), 1.0)
+
+
+def apply_norm_control(vectors, mode, target=None, max_norm=None):
+    """One [num_vectors, dim] set after an optimizer step (pure): "preserve" rescales each vector to its target
+    norm (a zero vector stays zero); "cap" scales down the vectors whose norm exceeds max_norm and leaves the
+    others bit-identical. As torch_backend.model.apply_norm_control; textual_inversion_core.controls'
+    apply_norm_control is the reference."""
+    norms = jnp.linalg.norm(vectors, axis=-1, keepdims=True)
+    safe = jnp.where(norms > 0, norms, 1.0)
+    if mode == "preserve":
+        target = jnp.asarray(target, jnp.float32).reshape(norms.shape)
+        return jnp.where(norms > 0, vectors * (target / safe), vectors)
+    if mode == "cap":
+        return jnp.where(norms > max_norm, vectors * (jnp.float32(max_norm) / safe), vectors)
+    return vectors
+
+
+def mean_norms(vector_sets):
+    """The mean L2 norm of each set's vectors (what is logged as embedding_norm, embedding_norm_2)."""
+    return tuple(jnp.mean(jnp.linalg.norm(v, axis=-1)) for v in vector_sets)
 
 
 def raw_prng_key(seed64):
@@ -115,23 +166,41 @@ def raw_prng_key(seed64):
     return np.array([seed64 >> 32, seed64 & 0xFFFFFFFF], dtype=np.uint32)
 
 
-def draw_example_randomness(key, latent_shape, num_timesteps):
-    """(posterior eps, noise, timestep) of one example from its own key."""
+NOISE_OFFSET_STREAM = 3  # fold_in of an example's key for its --noise_offset draw (the first three draws unchanged)
+
+
+def draw_example_randomness(key, latent_shape, num_timesteps, min_timestep=0, noise_offset=0.0):
+    """(posterior eps, noise, timestep) of one example from its own key: the timestep uniform in
+    [min_timestep, num_timesteps). With noise_offset (--noise_offset) the noise gets noise_offset x
+    normal(channels, 1, 1) from fold_in(key, NOISE_OFFSET_STREAM), the same example's key, so resume and any
+    number of devices see the same draw."""
     k_eps, k_noise, k_t = jax.random.split(key, 3)
-    return (jax.random.normal(k_eps, latent_shape), jax.random.normal(k_noise, latent_shape),
-            jax.random.randint(k_t, (), 0, num_timesteps))
+    eps, noise = jax.random.normal(k_eps, latent_shape), jax.random.normal(k_noise, latent_shape)
+    timestep = jax.random.randint(k_t, (), min_timestep, num_timesteps)
+    if noise_offset:
+        offset = jax.random.normal(jax.random.fold_in(key, NOISE_OFFSET_STREAM), (latent_shape[0], 1, 1))
+        noise = noise + noise_offset * offset
+    return eps, noise, timestep
 
 
-
-def make_train_step(loss_fn, optimizer, scaling_factor, num_timesteps):
-    """The pure step train_step(state, frozen, batch) -> (state, loss), to be pmapped over axis "batch".
+def make_train_step(loss_fn, optimizer, scaling_factor, num_timesteps, controls=None, norm_targets=None):
+    """The pure step train_step(state, frozen, batch) -> (state, loss, norms), to be pmapped over axis "batch";
+    norms: the mean L2 norm of each vector set after the step (logged as embedding_norm[_2]).
 
     frozen = {"text_encoder": params, ["text_encoder_2": params,] "unet": params, "scheduler": scheduler
     state}. batch arrays are [accumulation, batch, ...] ("ids": [..., text encoders, 77]); gradients are
     averaged over micro-batches, then pmean-ed over devices, which makes D devices x B equal one device x D*B.
+    controls (textual_inversion_core.controls.Controls): the timestep range and --noise_offset of the draws, and
+    the norm control applied to the updated vectors (--preserve_embedding_norm to norm_targets, one [num_vectors]
+    array per set, or --max_embedding_norm); --snr_gamma is the loss_fn's (make_denoising_loss).
     """
+    low, high = controls.timestep_range if controls is not None else (0, num_timesteps)
+    noise_offset = controls.noise_offset if controls is not None else 0.0
+    norm_mode = controls.norm_mode if controls is not None else None
+    targets = [np.asarray(t, np.float32) for t in norm_targets] if norm_targets is not None else None
+
     def draw(keys, shape):  # shape: the batch's latent shape (--resolution's, or with buckets the step's bucket's)
-        return jax.vmap(lambda k: draw_example_randomness(k, shape, num_timesteps))(keys)
+        return jax.vmap(lambda k: draw_example_randomness(k, shape, high, low, noise_offset))(keys)
 
     def train_step(state, frozen, batch):
         params = {k: v for k, v in frozen.items() if k != "scheduler"}
@@ -151,8 +220,11 @@ def make_train_step(loss_fn, optimizer, scaling_factor, num_timesteps):
         grad = jax.lax.pmean(jax.tree.map(lambda g: g / count, grad), axis_name="batch")
         loss = jax.lax.pmean(loss / count, axis_name="batch")
         updates, opt_state = optimizer.update(grad, state.opt_state, state.vectors)
-        return state.replace(vectors=optax.apply_updates(state.vectors, updates), opt_state=opt_state,
-                             step=state.step + 1), loss
+        vectors = optax.apply_updates(state.vectors, updates)
+        if norm_mode is not None:
+            vectors = tuple(apply_norm_control(v, norm_mode, targets[i] if targets is not None else None,
+                                               controls.max_norm) for i, v in enumerate(vectors))
+        return state.replace(vectors=vectors, opt_state=opt_state, step=state.step + 1), loss, mean_norms(vectors)
 
     return train_step
 

@@ -177,7 +177,7 @@ def test_loss_log_fetches_pending_losses_together_and_stops_on_the_first_non_fin
 
     log.add(1, 0.5, 1e-3)
     log.add(2, 0.25, 1e-3)
-    assert log.fetch(to_host) == [(1, 0.5, 1e-3), (2, 0.25, 1e-3)]
+    assert log.fetch(to_host) == [(1, 0.5, 1e-3, {}), (2, 0.25, 1e-3, {})]
     assert fetched_batches == [2] and log.fetch(to_host) == [] and fetched_batches == [2]
     log.add(3, float("nan"), 1e-3)
     log.add(4, float("inf"), 1e-3)

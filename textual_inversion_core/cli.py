@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from . import controls
 from .errors import UserError
 from .schedules import LR_SCHEDULERS
 
@@ -102,6 +103,25 @@ def build_parser(prog=None, description=None):
     add("--alpha_mask", action="store_true",
         help="(kohya) Weight the loss by each image's alpha channel (transparent: left out); turns on the masked loss. "
              "The pixels are still composited over white, as without the flag.")
+
+    # Training controls (see README "Training controls"). All off by default: without them the loss, the noise,
+    # the timesteps and the vectors are exactly those of diffusers' loop.
+    add("--snr_gamma", type=float, default=None,
+        help="(diffusers' train_text_to_image.py; kohya's --min_snr_gamma) Min-SNR-gamma loss weighting: each "
+             "example's MSE is weighted by min(SNR(t), gamma) / SNR(t) (v_prediction: / (SNR(t) + 1)); 5.0 is the "
+             "recommended value. Off by default.")
+    add("--noise_offset", type=float, default=0.0,
+        help="(diffusers, kohya) Add noise_offset x one random number per example and latent channel to the noise "
+             "(each example's own draw); about 0.05-0.1 helps very dark or bright pictures. 0: off.")
+    add("--min_timestep", type=int, default=None,
+        help="(kohya) Draw timesteps from [min_timestep, max_timestep) instead of from 0 (the default).")
+    add("--max_timestep", type=int, default=None,
+        help="(kohya) Upper end (excluded) of the timestep range; default the scheduler's num_train_timesteps (1000).")
+    add("--preserve_embedding_norm", action="store_true",
+        help="(OneTrainer) After every optimizer step rescale each learned vector to the L2 norm of its start vector "
+             "(the initializer's, or --init_from's).")
+    add("--max_embedding_norm", type=float, default=None,
+        help="(ours) After every optimizer step scale down any learned vector whose L2 norm exceeds this cap.")
 
     # Output
     add("--output_dir", type=str, default="text-inversion-model",
@@ -239,6 +259,7 @@ def check_args(args):
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise UserError(f"--validation_epochs must be at least 1, got {args.validation_epochs}")
     check_bucket_and_mask_args(args)
+    controls.check_args(args)
     return args
 
 

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from . import checkpoints, embeddings, run
+from . import checkpoints, controls, embeddings, run
 from .data import TextualInversionDataset
 from .errors import UserError
 
@@ -30,6 +30,9 @@ def check_output_dir(path):
 def load_run_inputs(args):
     """Decode the images, find the checkpoint to resume and read --init_from, all before any model."""
     check_output_dir(args.output_dir)
+    if args.min_timestep is not None or args.max_timestep is not None:  # against the model's scheduler, when readable
+        controls.check_timestep_range(args.min_timestep, args.max_timestep,
+                                      controls.scheduler_timesteps(args.pretrained_model_name_or_path, args.revision))
     dataset = TextualInversionDataset(
         args.train_data_dir, learnable_property=args.learnable_property, size=args.resolution,
         repeats=args.repeats, center_crop=args.center_crop, num_workers=args.dataloader_num_workers,

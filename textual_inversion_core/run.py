@@ -225,28 +225,43 @@ class StopSignals:
 
 
 class LossLog:
-    """Losses of this run. They stay wherever the trainer computed them (a device) until the plan asks
-    for them: then they are fetched together, checked, and handed on for logging."""
+    """Losses of this run, and per-step values logged beside them (the learned vectors' norms). They stay
+    wherever the trainer computed them (a device) until the plan asks for them: then they are fetched together
+    (one transfer), checked, and handed on for logging."""
 
     def __init__(self):
-        self.pending = []  # (step, device loss, learning rate)
+        self.pending = []  # (step, device loss, learning rate, {name: device value})
         self.history = []  # (step, loss) on the host, for loss.png
+        self.last_extras = {}  # the newest fetched step's extra values, for the progress bar
 
-    def add(self, step, loss, lr):
-        self.pending.append((step, loss, lr))
+    def add(self, step, loss, lr, extras=None):
+        self.pending.append((step, loss, lr, dict(extras or {})))
 
     def fetch(self, to_host):
-        """[(step, loss, lr)] of the pending steps as floats; to_host(list of device values) -> floats.
-        A non-finite loss stops the run before anything of this step is saved."""
+        """[(step, loss, lr, {name: value})] of the pending steps as floats; to_host(list of device values) ->
+        floats, called once with every pending loss and extra value. A non-finite loss stops the run before
+        anything of this step is saved."""
         if not self.pending:
             return []
-        values = [float(v) for v in to_host([loss for _, loss, _ in self.pending])]
-        fetched = [(step, value, lr) for (step, _, lr), value in zip(self.pending, values)]
+        device_values = [loss for _, loss, _, _ in self.pending]
+        for _, _, _, extras in self.pending:
+            device_values += list(extras.values())
+        values = [float(v) for v in to_host(device_values)]
+        losses, rest = values[: len(self.pending)], iter(values[len(self.pending):])
+        fetched = [(step, value, lr, {name: next(rest) for name in extras})
+                   for (step, _, lr, extras), value in zip(self.pending, losses)]
         self.pending = []
-        for step, value, _ in fetched:
+        for step, value, _, _ in fetched:
             check_finite_loss(value, step)
-        self.history += [(step, value) for step, value, _ in fetched]
+        self.history += [(step, value) for step, value, _, _ in fetched]
+        self.last_extras = fetched[-1][3]
         return fetched
+
+
+def norm_postfix(extras):
+    """The progress bar's view of the logged norms: norm (embedding_norm), norm_2 (SDXL's embedding_norm_2)."""
+    return {name.replace("embedding_", ""): f"{value:.4f}" for name, value in extras.items()
+            if name.startswith("embedding_norm")}
 
 
 def check_finite_loss(value, step):

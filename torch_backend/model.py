@@ -168,16 +168,41 @@ def masked_mse(prediction, target, mask):
     the latent channels), sum(w * err^2) / sum(w); then the mean over examples. Each example is normalised by
     its own weights, so N processes (each averaging its examples) still equal one. A weight of 0 gives that
     latent pixel no gradient; an all-zero mask makes the example's loss 0. All-ones equals F.mse_loss."""
+    return masked_mse_per_example(prediction, target, mask).mean()
+
+
+def masked_mse_per_example(prediction, target, mask):
+    """masked_mse before the mean over examples: [batch]."""
     weights = mask.float().expand_as(prediction)
     error = (prediction.float() - target.float()) ** 2
-    per_example = (weights * error).flatten(1).sum(1) / weights.flatten(1).sum(1).clamp_min(1e-12)
-    return per_example.mean()
+    return (weights * error).flatten(1).sum(1) / weights.flatten(1).sum(1).clamp_min(1e-12)
+
+
+def compute_snr(noise_scheduler, timesteps):
+    """SNR(t) = alphas_cumprod / (1 - alphas_cumprod) at each timestep, as diffusers.training_utils.compute_snr."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=timesteps.device)
+    alpha = (alphas_cumprod ** 0.5)[timesteps].float()
+    sigma = ((1.0 - alphas_cumprod) ** 0.5)[timesteps].float()
+    return (alpha / sigma) ** 2
+
+
+def min_snr_weights(noise_scheduler, timesteps, gamma):
+    """Min-SNR-gamma weights [batch] as diffusers' train_text_to_image.py: min(SNR, gamma) / SNR for epsilon
+    models, / (SNR + 1) for v_prediction (textual_inversion_core.controls.min_snr_weights is the reference;
+    an epsilon weight at SNR 0, only met with zero-terminal-SNR schedules, is its limit 1)."""
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return torch.where(snr > 0, clipped / torch.where(snr > 0, snr, torch.ones_like(snr)), torch.ones_like(snr))
 
 
 def prediction_loss(unet, noise_scheduler, latents, noise, timesteps, encoder_hidden_states, added_cond_kwargs,
-                    weight_dtype, mask=None):
+                    weight_dtype, mask=None, snr_gamma=None):
     """MSE between the UNet's prediction and the scheduler's target (the noise for epsilon models, the
-    velocity for v_prediction models), computed in fp32; weighted per latent pixel when mask is given."""
+    velocity for v_prediction models), computed in fp32; weighted per latent pixel when mask is given.
+    With snr_gamma (--snr_gamma) each example's MSE is weighted by its min-SNR-gamma weight before the mean
+    over examples, as in diffusers' train_text_to_image.py."""
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps).to(dtype=weight_dtype)
     if added_cond_kwargs is not None:
         added_cond_kwargs = {k: v.to(dtype=weight_dtype) for k, v in added_cond_kwargs.items()}
@@ -187,12 +212,19 @@ def prediction_loss(unet, noise_scheduler, latents, noise, timesteps, encoder_hi
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
+    if snr_gamma is not None:
+        if mask is not None:
+            per_example = masked_mse_per_example(model_pred, target, mask)
+        else:
+            per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+            per_example = per_example.mean(dim=list(range(1, per_example.ndim)))
+        return (per_example * min_snr_weights(noise_scheduler, timesteps, snr_gamma)).mean()
     if mask is not None:
         return masked_mse(model_pred, target, mask)
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
 
-def batch_loss(models, batch, weight_dtype):
+def batch_loss(models, batch, weight_dtype, snr_gamma=None):
     """The loss of one device micro-batch (see device_batch) for either family."""
     latents, noise, timesteps, ids, time_ids, mask = batch
     if models.family == "sdxl":
@@ -200,21 +232,28 @@ def batch_loss(models, batch, weight_dtype):
     else:
         hidden, added = models.text_encoders[0](ids[0])[0], None
     return prediction_loss(models.unet, models.noise_scheduler, latents, noise, timesteps, hidden, added, weight_dtype,
-                           mask)
+                           mask, snr_gamma)
 
 
-def device_batch(batch, micro, prompt_ids, num_timesteps, scaling_factor, device):
+def device_batch(batch, micro, prompt_ids, timestep_range, scaling_factor, device, noise_offset=0.0):
     """Micro-batch `micro` of a core host_batch as tensors: (latents, noise, timesteps, input_ids per
     tokenizer, SDXL time_ids or None, loss mask or None). prompt_ids: one [num_prompts, 77] tensor per tokenizer.
-    The latent shape is the batch's own (with buckets, its bucket's).
+    The latent shape is the batch's own (with buckets, its bucket's). timestep_range: (low, high), timesteps
+    uniform in [low, high) (an int n: [0, n)).
 
     Each example's posterior sample, noise and timestep come from its own generator (seeded by its
-    global index), so they do not depend on how examples are split over processes."""
+    global index), so they do not depend on how examples are split over processes. With noise_offset
+    (--noise_offset) the noise of each example gets noise_offset x randn(channels, 1, 1), drawn after those
+    from the same generator (the draws before it are unchanged)."""
+    low, high = (0, timestep_range) if isinstance(timestep_range, int) else timestep_range
     latent_shape = tuple(batch["mean"].shape[2:])
     draws = [torch.Generator().manual_seed(int(s)) for s in batch["noise_seed"][micro]]
     eps = torch.stack([torch.randn(latent_shape, generator=g) for g in draws])
     noise = torch.stack([torch.randn(latent_shape, generator=g) for g in draws])
-    timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in draws])
+    timesteps = torch.cat([torch.randint(low, high, (1,), generator=g) for g in draws])
+    if noise_offset:
+        offsets = torch.stack([torch.randn((latent_shape[0], 1, 1), generator=g) for g in draws])
+        noise = noise + noise_offset * offsets
     mean, std = torch.from_numpy(batch["mean"][micro]), torch.from_numpy(batch["std"][micro])
     latents = (mean + std * eps) * scaling_factor
     rows = torch.from_numpy(batch["prompt"][micro])
@@ -224,18 +263,23 @@ def device_batch(batch, micro, prompt_ids, num_timesteps, scaling_factor, device
     return latents.to(device), noise.to(device), timesteps.to(device), ids, time_ids, mask
 
 
-def train_step(accelerator, models, optimizer, vector_sets, micro_batches, lr, weight_dtype):
-    """One optimizer step of the vector sets over the micro-batches; returns the mean loss, left on the device.
+def train_step(accelerator, models, optimizer, vector_sets, micro_batches, lr, weight_dtype, controls=None,
+               norm_targets=None):
+    """One optimizer step of the vector sets over the micro-batches; returns (mean loss, [mean L2 norm of each
+    set's vectors after the step]), left on the device.
 
     Gradients are averaged over the micro-batches, then over processes, so N processes x B equal one
-    process x N*B."""
+    process x N*B. controls (textual_inversion_core.controls.Controls): --snr_gamma weights the loss, and the
+    norm control (--preserve_embedding_norm to norm_targets, one [num_vectors] array per set, or
+    --max_embedding_norm) rescales the vectors after the optimizer's update."""
+    snr_gamma = controls.snr_gamma if controls is not None else None
     for group in optimizer.param_groups:
         group["lr"] = lr
     count = len(micro_batches)
     step_loss = torch.zeros((), device=vector_sets[0].device)
     for batch in micro_batches:
         with accelerator.autocast():
-            loss = batch_loss(models, batch, weight_dtype)
+            loss = batch_loss(models, batch, weight_dtype, snr_gamma)
         accelerator.backward(loss / count)
         step_loss += loss.detach() / count
     if accelerator.num_processes > 1:
@@ -245,7 +289,26 @@ def train_step(accelerator, models, optimizer, vector_sets, micro_batches, lr, w
         step_loss = accelerator.reduce(step_loss, reduction="mean")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss
+    if controls is not None and controls.norm_mode is not None:
+        apply_norm_control(vector_sets, controls.norm_mode, norm_targets, controls.max_norm)
+    with torch.no_grad():
+        norms = [torch.linalg.vector_norm(v.detach(), dim=1).mean() for v in vector_sets]
+    return step_loss, norms
+
+
+def apply_norm_control(vector_sets, mode, targets=None, max_norm=None):
+    """After an optimizer step, in place: "preserve" rescales each vector (row) to its target norm (a zero vector
+    stays zero); "cap" scales down the vectors whose norm exceeds max_norm and leaves the others bit-identical.
+    textual_inversion_core.controls.apply_norm_control is the reference."""
+    with torch.no_grad():
+        for i, vectors in enumerate(vector_sets):
+            norms = torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+            safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+            if mode == "preserve":
+                target = torch.as_tensor(targets[i], dtype=torch.float32, device=vectors.device).reshape(norms.shape)
+                vectors.copy_(torch.where(norms > 0, vectors * (target / safe), vectors))
+            elif mode == "cap":
+                vectors.copy_(torch.where(norms > max_norm, vectors * (max_norm / safe), vectors))
 
 
 def make_optimizer(args, vector_sets, learning_rate):
