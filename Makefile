@@ -46,6 +46,14 @@ test-flax: setup setup-flax
 BENCH_ARGS ?=
 bench: setup setup-flax
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+	$(VENV)/bin/python bench/learning_curves.py $(LEARNING_ARGS)
+
+# Only the learning curves (bench/learning_curves.py: held-out concepts on the shapes model, both trainers,
+# every training-control setting; ~1 h on 2 cores). Narrow with e.g. LEARNING_ARGS="--only default --seeds 1".
+LEARNING_ARGS ?=
+.PHONY: bench-learning
+bench-learning: setup setup-flax
+	$(VENV)/bin/python bench/learning_curves.py $(LEARNING_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV_FLAX) $(DEMO_DIR) build
