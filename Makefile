@@ -41,7 +41,8 @@ test-torch: setup
 test-flax: setup setup-flax
 	$(VENV_FLAX)/bin/python -m pytest -q tests/flax
 
-# Speed/memory benchmark (not part of `make test`): ~60 min, up to ~19 GB RAM (Flax sd15 rows), ~4 GB disk for the sd15 pipeline.
+# Benchmarks (not part of `make test`): speed/memory ~60 min, up to ~19 GB RAM (Flax sd15 rows), ~4 GB disk for the
+# sd15 pipeline; then the learning curves (bench-learning below, ~1 h on 2 cores).
 # Narrow it with e.g. `make bench BENCH_ARGS="--only tiny"` or BENCH_ARGS="--skip flax".
 BENCH_ARGS ?=
 bench: setup setup-flax

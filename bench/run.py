@@ -36,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from bench.readme_block import replace_block  # noqa: E402
 from textual_inversion_core.atomic import atomic_path  # noqa: E402
 
 WORK = os.path.join(HERE, "pipelines")  # git-ignored: pipelines, images, run outputs, logs
@@ -537,16 +538,7 @@ def table_lines(results):
 
 def update_readme(results):
     """Replace the tables between the README's bench markers, so the README quotes the latest results."""
-    with open(README_MD) as f:
-        text = f.read()
-    if README_BEGIN not in text or README_END not in text:
-        print(f"[bench] README.md has no {README_BEGIN} ... {README_END} block; not updated", flush=True)
-        return
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    with atomic_path(README_MD) as tmp:
-        with open(tmp, "w") as f:
-            f.write(head + README_BEGIN + "\n" + "\n".join(table_lines(results)) + "\n" + README_END + tail)
+    replace_block(README_MD, README_BEGIN, README_END, table_lines(results), "bench")
 
 
 def write_plot(data):
