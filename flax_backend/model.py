@@ -90,17 +90,17 @@ def make_denoising_loss(text_encoders, unet, noise_scheduler, placeholder_id_set
             pred = unet.apply({"params": params["unet"]}, noisy.astype(weight_dtype), timesteps,
                               hidden.astype(weight_dtype), added_cond_kwargs=added).sample
         target = noise_scheduler.get_velocity(scheduler_state, latents, noise, timesteps) if v_prediction else noise
-        if snr_gamma is not None:
-            if mask is not None:
-                per_example = masked_mse_per_example(pred, target, mask)
-            else:
-                per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)),
-                                       axis=tuple(range(1, pred.ndim)))
-            weights = min_snr_weights(scheduler_state.common.alphas_cumprod, timesteps, snr_gamma, v_prediction)
-            return jnp.mean(per_example * weights)
+        error = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
+        if mask is None and snr_gamma is None:
+            return jnp.mean(error)
         if mask is not None:
-            return masked_mse(pred, target, mask)
-        return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
+            per_example = masked_mse_per_example(pred, target, mask)
+        else:
+            per_example = jnp.mean(error, axis=tuple(range(1, pred.ndim)))
+        if snr_gamma is not None:
+            per_example = per_example * min_snr_weights(scheduler_state.common.alphas_cumprod, timesteps, snr_gamma,
+                                                        v_prediction)
+        return jnp.mean(per_example)
 
     return loss
 

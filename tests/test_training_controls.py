@@ -102,7 +102,7 @@ def fake_batch(seeds, shape=(4, 8, 8)):
             "time_ids": np.zeros((1, n, 6), np.int64)}
 
 
-def draws(seeds, timestep_range=1000, noise_offset=0.0):
+def draws(seeds, timestep_range=(0, 1000), noise_offset=0.0):
     latents, noise, timesteps, *_ = tm.device_batch(fake_batch(seeds), 0, [torch.zeros((1, 77), dtype=torch.long)],
                                                     timestep_range, 0.18215, "cpu", noise_offset)
     return latents, noise, timesteps
@@ -123,8 +123,14 @@ def test_noise_offset_adds_a_constant_per_example_and_channel_from_the_examples_
     alone = draws([22], noise_offset=0.1)[1][0]
     elsewhere = draws([99, 7, 22, 5], noise_offset=0.1)[1][2]
     assert torch.equal(alone, offset[1]) and torch.equal(elsewhere, offset[1])
-    # off: exactly the draws of before (an int range is [0, n))
-    assert torch.equal(draws(seeds, (0, 1000), 0.0)[1], plain) and torch.equal(draws(seeds, (0, 1000))[2], t_plain)
+    # off: exactly the draws of before the controls: eps, noise, then a timestep in [0, 1000) from each example's
+    # own generator
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    eps = torch.stack([torch.randn((4, 8, 8), generator=g) for g in generators])
+    before = torch.stack([torch.randn((4, 8, 8), generator=g) for g in generators])
+    t_before = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in generators])
+    assert torch.equal(plain, before) and torch.equal(t_plain, t_before)
+    assert torch.equal(draws(seeds)[0], eps * 0.18215)  # mean 0, std 1
 
 
 def test_timesteps_fall_in_the_range_and_are_keyed_by_example():

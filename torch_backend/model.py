@@ -212,16 +212,16 @@ def prediction_loss(unet, noise_scheduler, latents, noise, timesteps, encoder_hi
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    if snr_gamma is not None:
-        if mask is not None:
-            per_example = masked_mse_per_example(model_pred, target, mask)
-        else:
-            per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-            per_example = per_example.mean(dim=list(range(1, per_example.ndim)))
-        return (per_example * min_snr_weights(noise_scheduler, timesteps, snr_gamma)).mean()
+    if mask is None and snr_gamma is None:  # diffusers' loss, computed exactly as there
+        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
     if mask is not None:
-        return masked_mse(model_pred, target, mask)
-    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+        per_example = masked_mse_per_example(model_pred, target, mask)
+    else:
+        per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+        per_example = per_example.mean(dim=list(range(1, per_example.ndim)))
+    if snr_gamma is not None:
+        per_example = per_example * min_snr_weights(noise_scheduler, timesteps, snr_gamma)
+    return per_example.mean()
 
 
 def batch_loss(models, batch, weight_dtype, snr_gamma=None):
@@ -239,13 +239,13 @@ def device_batch(batch, micro, prompt_ids, timestep_range, scaling_factor, devic
     """Micro-batch `micro` of a core host_batch as tensors: (latents, noise, timesteps, input_ids per
     tokenizer, SDXL time_ids or None, loss mask or None). prompt_ids: one [num_prompts, 77] tensor per tokenizer.
     The latent shape is the batch's own (with buckets, its bucket's). timestep_range: (low, high), timesteps
-    uniform in [low, high) (an int n: [0, n)).
+    uniform in [low, high).
 
     Each example's posterior sample, noise and timestep come from its own generator (seeded by its
     global index), so they do not depend on how examples are split over processes. With noise_offset
     (--noise_offset) the noise of each example gets noise_offset x randn(channels, 1, 1), drawn after those
     from the same generator (the draws before it are unchanged)."""
-    low, high = (0, timestep_range) if isinstance(timestep_range, int) else timestep_range
+    low, high = timestep_range
     latent_shape = tuple(batch["mean"].shape[2:])
     draws = [torch.Generator().manual_seed(int(s)) for s in batch["noise_seed"][micro]]
     eps = torch.stack([torch.randn(latent_shape, generator=g) for g in draws])
