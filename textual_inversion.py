@@ -51,8 +51,13 @@ def main(argv=None, prog="textual_inversion.py"):
 
     # ---- Checks that need no model: fail in seconds, not after importing torch and loading gigabytes.
     check_xformers(args)
+    optimizer_name = run.ADAMW_8BIT if args.use_8bit_adam else run.ADAMW
+    if args.use_8bit_adam:  # bitsandbytes and CUDA
+        from torch_backend.optimizer import check_8bit_adam
+
+        check_8bit_adam()
     trackers = select_trackers(args.report_to)
-    inputs = load_run_inputs(args)
+    inputs = load_run_inputs(args, optimizer_name)  # a checkpoint of the other optimizer is refused here
     dataset = inputs.dataset
 
     import torch
@@ -61,6 +66,7 @@ def main(argv=None, prog="textual_inversion.py"):
     from tqdm.auto import tqdm
 
     from torch_backend import model as tm
+    from torch_backend import optimizer as topt
     from torch_backend.pipeline import run_validation, save_full_pipeline
 
     accelerator = Accelerator(
@@ -132,7 +138,7 @@ def main(argv=None, prog="textual_inversion.py"):
     plan = run.make_plan(args, len(dataset), accelerator.num_processes)
     lrs = lr_table(args.lr_scheduler, args.lr_warmup_steps, plan.max_train_steps, args.lr_num_cycles,
                    plan.learning_rate)
-    optimizer = tm.make_optimizer(args, vector_sets, plan.learning_rate)
+    optimizer = topt.make_optimizer(args, vector_sets, plan.learning_rate)
     optimizer = accelerator.prepare(optimizer)
     resume = run.resume_point(args, inputs, [v.shape[1] for v in vector_sets], plan, logger)
     if resume.vector_sets is not None:
@@ -140,7 +146,7 @@ def main(argv=None, prog="textual_inversion.py"):
             for vectors, stored in zip(vector_sets, resume.vector_sets):
                 vectors.copy_(torch.from_numpy(stored))
     if resume.adam_sets is not None:
-        tm.load_adam_moments(optimizer, resume.adam_sets, device)
+        topt.load_optimizer_state(optimizer, resume.adam_sets, device)
     step = resume.step
 
     if accelerator.is_main_process and trackers:
@@ -198,8 +204,9 @@ def main(argv=None, prog="textual_inversion.py"):
                                                safe_serialization=not args.no_safe_serialization,
                                                suffix=f"-steps-{step}")
                 if actions.save_checkpoint:
-                    tensors, state = run.checkpoint_payload(host_sets(), tm.adam_moments(optimizer, len(vector_sets)),
-                                                            seed, args, plan, "pytorch")
+                    tensors, state = run.checkpoint_payload(
+                        host_sets(), topt.optimizer_state(optimizer, len(vector_sets), optimizer_name), seed, args, plan,
+                        "pytorch", optimizer_name)
                     logger.info("saved %s", checkpoints.save_checkpoint(args.output_dir, step, tensors, state,
                                                                         args.checkpoints_total_limit))
                 if actions.validate:

@@ -27,8 +27,9 @@ def check_output_dir(path):
         raise UserError(f"--output_dir {path!r} is not writable ({err.strerror}); choose a folder you can write to") from err
 
 
-def load_run_inputs(args):
-    """Decode the images, find the checkpoint to resume and read --init_from, all before any model."""
+def load_run_inputs(args, optimizer=run.ADAMW):
+    """Decode the images, find the checkpoint to resume and read --init_from, all before any model. optimizer
+    (run.ADAMW or run.ADAMW_8BIT): the trainer's, which the checkpoint's state must belong to."""
     check_output_dir(args.output_dir)
     if args.min_timestep is not None or args.max_timestep is not None:  # against the model's scheduler, when readable
         controls.check_timestep_range(args.min_timestep, args.max_timestep,
@@ -48,6 +49,8 @@ def load_run_inputs(args):
         print("\n".join(dataset.bucket_summary()), file=sys.stderr, flush=True)
     resume_path = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     resume_tensors, resume_state = checkpoints.load_checkpoint(resume_path) if resume_path else (None, None)
+    if resume_state is not None:
+        run.check_optimizer(resume_path, resume_state, optimizer)
     family = model_family(args.pretrained_model_name_or_path, args.revision)
     if family is not None and resume_tensors is not None:  # an SD-1.x checkpoint on SDXL (or the reverse)
         run.check_vector_set_count(resume_path, resume_tensors, 2 if family == "sdxl" else 1)

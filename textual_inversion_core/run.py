@@ -121,32 +121,96 @@ class AdamMoments:
     step: int
 
 
+# The optimizer a checkpoint's state belongs to (training_state.json "optimizer"; absent: AdamW, as before).
+ADAMW, ADAMW_8BIT = "adamw", "adamw8bit"
+OPTIMIZER_NAMES = {ADAMW: "AdamW", ADAMW_8BIT: "bitsandbytes' AdamW8bit (--use_8bit_adam)"}
+# bitsandbytes AdamW8bit's state tensors of one parameter, under its own names.
+ADAM_8BIT_TENSORS = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2", "unorm_vec")
+
+
+@dataclasses.dataclass(frozen=True)
+class Adam8bitState:
+    """bitsandbytes AdamW8bit's own state of one vector set, kept as the optimizer holds it so that a resumed run
+    continues bit for bit (dequantised moments re-quantised on load would not: the codes and block scales are
+    the state). state1/state2 are the first and second moments: float32 for a set under 4096 values, else uint8
+    codes into the 256-value maps qmap1/qmap2, scaled per block of 256 values by absmax1/absmax2 (float32)."""
+
+    tensors: dict  # name in ADAM_8BIT_TENSORS -> numpy array
+    step: int
+
+
+def optimizer_of(state):
+    """The optimizer whose state a checkpoint holds (checkpoints written before 8-bit support hold AdamW's)."""
+    return state.get("optimizer", ADAMW)
+
+
+def check_optimizer(resume_path, resume_state, optimizer):
+    """A checkpoint resumes only with the optimizer that wrote its state: AdamW's moments are not AdamW8bit's
+    quantised state (nor the reverse), and a converted state would not continue the run exactly."""
+    stored = optimizer_of(resume_state)
+    if stored == optimizer:
+        return
+    if stored == ADAMW_8BIT:
+        fix = "resume with textual_inversion.py --use_8bit_adam"
+    elif optimizer == ADAMW_8BIT:
+        fix = "resume without --use_8bit_adam"
+    else:
+        fix = "resume with the optimizer it was trained with"
+    raise UserError(f"checkpoint {resume_path!r} holds {OPTIMIZER_NAMES.get(stored, stored)} state "
+                    f"({resume_state.get('framework', 'pytorch')} trainer) but this run uses "
+                    f"{OPTIMIZER_NAMES.get(optimizer, optimizer)}; {fix} or start a new --output_dir")
+
+
 def set_suffix(index):
     """Tensor-name suffix of the vector set of text encoder `index`: "" (text_encoder), "_2" (text_encoder_2)."""
     return "" if index == 0 else f"_{index + 1}"
 
 
-def checkpoint_payload(vector_sets, adam_sets, seed, args, plan, framework):
+def checkpoint_payload(vector_sets, adam_sets, seed, args, plan, framework, optimizer=ADAMW):
     """(tensors, state) of a checkpoint: one vector set per text encoder (SD-1.x/2.x: one, SDXL: two), their
-    AdamW moments (None before the first update) and what resuming must match. Set i is stored as vectors{s},
-    exp_avg{s}, exp_avg_sq{s} with s = set_suffix(i), so SD-1.x checkpoints keep their names."""
+    optimizer state (None before the first update) and what resuming must match. Set i is stored as vectors{s}
+    and, for AdamW (AdamMoments), exp_avg{s}, exp_avg_sq{s} with s = set_suffix(i), so SD-1.x checkpoints keep
+    their names; AdamW8bit's state (Adam8bitState) as bnb_<its name>{s} (bnb_state1, bnb_absmax1, ...)."""
     tensors = {}
     for i, vectors in enumerate(vector_sets):
         tensors["vectors" + set_suffix(i)] = np.asarray(vectors, np.float32)
     step = adam_sets[0].step if adam_sets else 0
     if step:
         for i, adam in enumerate(adam_sets):
-            tensors["exp_avg" + set_suffix(i)] = np.asarray(adam.exp_avg, np.float32)
-            tensors["exp_avg_sq" + set_suffix(i)] = np.asarray(adam.exp_avg_sq, np.float32)
+            if isinstance(adam, Adam8bitState):
+                for name, value in adam.tensors.items():
+                    tensors[f"bnb_{name}{set_suffix(i)}"] = np.asarray(value)  # uint8 codes stay uint8
+            else:
+                tensors["exp_avg" + set_suffix(i)] = np.asarray(adam.exp_avg, np.float32)
+                tensors["exp_avg_sq" + set_suffix(i)] = np.asarray(adam.exp_avg_sq, np.float32)
     state = {"seed": int(seed), "num_vectors": args.num_vectors, "placeholder_token": args.placeholder_token,
              "global_batch": plan.global_batch, "framework": framework, "text_encoders": len(vector_sets),
-             "optimizer_step": float(step), "learning_rate": plan.learning_rate}
+             "optimizer": optimizer, "optimizer_step": float(step), "learning_rate": plan.learning_rate}
     return tensors, state
+
+
+def stored_optimizer_sets(resume_path, state, tensors, count):
+    """The optimizer state of each of the count vector sets in a checkpoint (None: saved before any update)."""
+    step = int(state.get("optimizer_step", 0))
+    if optimizer_of(state) == ADAMW_8BIT:
+        sets = [{name: tensors[f"bnb_{name}{set_suffix(i)}"] for name in ADAM_8BIT_TENSORS
+                 if f"bnb_{name}{set_suffix(i)}" in tensors} for i in range(count)]
+        if not any(sets):
+            return None
+        if not all("state1" in s and "state2" in s for s in sets):
+            raise UserError(f"checkpoint {resume_path!r} lacks part of its AdamW8bit state; "
+                            "resume from another checkpoint-N or start a new --output_dir")
+        return [Adam8bitState(s, step) for s in sets]
+    if "exp_avg" not in tensors:
+        return None
+    return [AdamMoments(tensors["exp_avg" + set_suffix(i)], tensors["exp_avg_sq" + set_suffix(i)], step)
+            for i in range(count)]
 
 
 @dataclasses.dataclass(frozen=True)
 class Resume:
-    """Where a resumed run starts: its step, vector sets and AdamW moments (None: a new run)."""
+    """Where a resumed run starts: its step, vector sets and optimizer state (AdamMoments or Adam8bitState per set;
+    None: a new run)."""
 
     step: int = 0
     vector_sets: list = None
@@ -182,11 +246,7 @@ def resume_point(args, inputs, dims, plan, logger):
     if state.get("global_batch") != plan.global_batch:
         logger.warning("the checkpoint was trained with another global batch; the resumed run will not "
                        "match an uninterrupted one")
-    adam_sets = None
-    if "exp_avg" in tensors:
-        step = int(state["optimizer_step"])
-        adam_sets = [AdamMoments(tensors["exp_avg" + set_suffix(i)], tensors["exp_avg_sq" + set_suffix(i)], step)
-                     for i in range(len(dims))]
+    adam_sets = stored_optimizer_sets(inputs.resume_path, state, tensors, len(dims))
     logger.info("resumed from %s at step %d", inputs.resume_path, int(state["step"]))
     return Resume(int(state["step"]), [np.asarray(v, np.float32) for v in stored], adam_sets)
 

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from textual_inversion_core.errors import UserError
-from textual_inversion_core.run import AdamMoments
 
 
 class PlaceholderEmbedding(nn.Module):
@@ -309,48 +308,6 @@ def apply_norm_control(vector_sets, mode, targets=None, max_norm=None):
                 vectors.copy_(torch.where(norms > 0, vectors * (target / safe), vectors))
             elif mode == "cap":
                 vectors.copy_(torch.where(norms > max_norm, vectors * (max_norm / safe), vectors))
-
-
-def make_optimizer(args, vector_sets, learning_rate):
-    """AdamW over the vector sets; --use_8bit_adam takes bitsandbytes' AdamW8bit where it works (CUDA).
-
-    bitsandbytes keeps 32-bit state for tensors under 4096 values, which covers up to 5 CLIP-L vectors, so
-    the flag saves next to nothing here; it is accepted so diffusers' SDXL command lines run unchanged."""
-    options = dict(lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                   eps=args.adam_epsilon)
-    if not args.use_8bit_adam:
-        return torch.optim.AdamW(vector_sets, **options)
-    try:
-        import bitsandbytes as bnb
-    except ImportError as err:
-        raise UserError("--use_8bit_adam needs bitsandbytes; pip install bitsandbytes (CUDA) or drop the flag "
-                        "(the learned vectors are a few thousand numbers: plain AdamW costs kilobytes)") from err
-    if not torch.cuda.is_available():
-        raise UserError("--use_8bit_adam needs a CUDA GPU for bitsandbytes' AdamW8bit; drop the flag on this machine")
-    return bnb.optim.AdamW8bit(vector_sets, **options)
-
-
-def _moment(state, torch_name, bnb_name):
-    return state[torch_name] if torch_name in state else state[bnb_name]  # AdamW / bitsandbytes' 32-bit state
-
-
-def adam_moments(optimizer, count):
-    """AdamW's state of each of the `count` vector sets (None before the first step)."""
-    states = optimizer.state_dict()["state"]
-    if not states.get(0):
-        return None
-    return [AdamMoments(_moment(states[i], "exp_avg", "state1").float().cpu().numpy(),
-                        _moment(states[i], "exp_avg_sq", "state2").float().cpu().numpy(),
-                        int(float(states[i]["step"]))) for i in range(count)]
-
-
-def load_adam_moments(optimizer, adam_sets, device):
-    state = optimizer.state_dict()
-    state["state"] = {i: {"step": torch.tensor(float(adam.step)),
-                          "exp_avg": torch.from_numpy(np.asarray(adam.exp_avg)).to(device),
-                          "exp_avg_sq": torch.from_numpy(np.asarray(adam.exp_avg_sq)).to(device)}
-                      for i, adam in enumerate(adam_sets)}
-    optimizer.load_state_dict(state)
 
 
 def free_vae_encoder(vae):
