@@ -251,3 +251,44 @@ def test_add_placeholder_tokens_with_the_real_clip_vocabulary(tiny_pipeline):
     with pytest.raises(UserError, match="its word 'toyotacorollahatchback' is 6 tokens .* must be a single token"):
         add_placeholder_tokens(fresh, "<new>", 1, "toy toyotacorollahatchback")
     assert len(fresh) == size  # nothing added by a refused call
+
+
+def test_adamw8bit_state_round_trips_through_a_checkpoint_with_its_dtypes(tmp_path):
+    """bitsandbytes' own tensors go out and come back as they were: uint8 codes stay uint8, names per set."""
+    from textual_inversion_core import checkpoints
+
+    args = flags(num_vectors=2, seed=3)
+    plan = run.make_plan(args, 8, 1)
+    rng = np.random.default_rng(0)
+    vector_sets = [rng.standard_normal((2, w)).astype(np.float32) for w in (4, 6)]
+    adam_sets = [run.Adam8bitState({"state1": v * 0.1, "state2": v**2}, 5) for v in vector_sets[:1]]
+    adam_sets.append(run.Adam8bitState({"state1": rng.integers(0, 256, (2, 6), dtype=np.uint8),
+                                        "state2": rng.integers(0, 256, (2, 6), dtype=np.uint8),
+                                        "qmap1": np.linspace(-1, 1, 256, dtype=np.float32),
+                                        "qmap2": np.linspace(0, 1, 256, dtype=np.float32),
+                                        "absmax1": np.array([0.5], np.float32), "absmax2": np.array([0.25], np.float32)},
+                                       5))
+    tensors, state = run.checkpoint_payload(vector_sets, adam_sets, 3, args, plan, "pytorch", run.ADAMW_8BIT)
+    assert state["optimizer"] == "adamw8bit" and "exp_avg" not in tensors
+    path = checkpoints.save_checkpoint(str(tmp_path), 5, tensors, state)
+    tensors, state = checkpoints.load_checkpoint(path)
+    point = run.resume_point(args, RunInputs(None, path, tensors, state, None), [4, 6], plan, logging.getLogger("test"))
+    for got, want in zip(point.adam_sets, adam_sets):
+        assert isinstance(got, run.Adam8bitState) and got.step == 5 and sorted(got.tensors) == sorted(want.tensors)
+        for name, value in want.tensors.items():
+            assert got.tensors[name].dtype == value.dtype and np.array_equal(got.tensors[name], value), name
+    del tensors["bnb_state2_2"]
+    with pytest.raises(UserError, match="lacks part of its AdamW8bit state"):
+        run.resume_point(args, RunInputs(None, path, tensors, state, None), [4, 6], plan, logging.getLogger("test"))
+
+
+@pytest.mark.parametrize("stored, running, fix", [
+    ({"framework": "pytorch"}, run.ADAMW_8BIT, "resume without --use_8bit_adam"),  # written before 8-bit support
+    ({"framework": "flax", "optimizer": "adamw"}, run.ADAMW_8BIT, "resume without --use_8bit_adam"),
+    ({"framework": "pytorch", "optimizer": "adamw8bit"}, run.ADAMW, "resume with textual_inversion.py --use_8bit_adam"),
+])
+def test_a_checkpoint_resumes_only_with_its_own_optimizer(stored, running, fix):
+    run.check_optimizer("out/checkpoint-2", stored, stored.get("optimizer", "adamw"))  # its own: accepted
+    with pytest.raises(UserError, match=f"{stored['framework']} trainer.*; {fix} or start a new --output_dir") as info:
+        run.check_optimizer("out/checkpoint-2", stored, running)
+    assert "\n" not in str(info.value)
