@@ -152,7 +152,8 @@ def build_parser(prog=None, description=None):
     add("--dataloader_num_workers", type=int, default=0,
         help="Threads that decode and resize the training images (0: the main thread).")
     add("--use_8bit_adam", action="store_true",
-        help="(diffusers' SDXL script) bitsandbytes' AdamW8bit for the vectors; needs bitsandbytes and a CUDA GPU.")
+        help="(diffusers' SDXL script) bitsandbytes' AdamW8bit for the vectors; needs bitsandbytes and a CUDA GPU. "
+             "Its checkpoints hold AdamW8bit's own state and resume only with this flag.")
     add("--adam_beta1", type=float, default=0.9)
     add("--adam_beta2", type=float, default=0.999)
     add("--adam_weight_decay", type=float, default=1e-2)
