@@ -43,6 +43,9 @@ def check_flags(args):
     if args.gradient_checkpointing:
         raise UserError("--gradient_checkpointing is not available in the Flax trainer (diffusers' Flax UNet has no "
                         "rematerialisation); drop the flag and lower --train_batch_size, or use textual_inversion.py")
+    if args.use_8bit_adam:
+        raise UserError("--use_8bit_adam is not available in the Flax trainer (bitsandbytes' 8-bit AdamW is CUDA/PyTorch "
+                        "only; optax has none); drop the flag (the vectors' AdamW state is small) or use textual_inversion.py")
     if args.local_rank != -1:
         raise UserError(f"--local_rank {args.local_rank} (or LOCAL_RANK) is set by torch launchers; run the Flax trainer "
                         "with plain `python` (JAX finds its devices; for several hosts set JAX_COORDINATOR_ADDRESS)")

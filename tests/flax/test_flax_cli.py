@@ -10,6 +10,7 @@ from textual_inversion_core.errors import UserError
 @pytest.mark.parametrize("extra, message", [
     ({"mixed_precision": "fp16"}, "use --mixed_precision bf16"),
     ({"gradient_checkpointing": True}, "--gradient_checkpointing is not available in the Flax trainer"),
+    ({"use_8bit_adam": True}, "--use_8bit_adam is not available in the Flax trainer"),
     ({"local_rank": 0}, "set by torch launchers"),
     ({"report_to": "comet_ml"}, "comet_ml is not supported by the Flax trainer"),
 ])
