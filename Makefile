@@ -35,11 +35,11 @@ lint: setup
 test: test-torch test-flax
 
 test-torch: setup
-	$(VENV)/bin/python -m pytest -q tests --ignore=tests/flax
+	$(VENV)/bin/python -m pytest -q --durations=20 tests --ignore=tests/flax
 
 # Flax tests run in .venv-flax; one of them checks the outputs load in the PyTorch env (.venv).
 test-flax: setup setup-flax
-	$(VENV_FLAX)/bin/python -m pytest -q tests/flax
+	$(VENV_FLAX)/bin/python -m pytest -q --durations=20 tests/flax
 
 # Benchmarks (not part of `make test`): speed/memory ~60 min, up to ~19 GB RAM (Flax sd15 rows), ~4 GB disk for the
 # sd15 pipeline; then the learning curves (bench-learning below, ~1 h on 2 cores).

@@ -37,6 +37,25 @@ FLAX_DEFAULTS = {
 }
 
 
+FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7
+
+
+def assert_within_eps(actual, expected, eps_count, scale=None, what=""):
+    """Two float32 results of different computations (other kernels, batch sizes, thread counts, CPUs) agree:
+    max |actual - expected| <= eps_count * float32 eps * scale, scale by default the L2 norm of expected.
+
+    Rounding in a sum grows with the size of its terms, not of each result element (an element near 0 can
+    have any relative error), so the bound is set from the values' scale, never a fixed 1e-10.
+    """
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = float(np.linalg.norm(expected)) if scale is None else float(scale)
+    difference = float(np.abs(actual - expected).max())
+    bound = eps_count * FLOAT32_EPS * scale
+    assert difference <= bound, (f"{what}: max difference {difference:.3g} = {difference / (FLOAT32_EPS * scale):.3g} "
+                                 f"eps x scale {scale:.3g}; allowed {eps_count} eps x scale = {bound:.3g}")
+
+
 def base_args(pipeline, data_dir, output_dir, defaults=TORCH_DEFAULTS, **overrides):
     """A command line for the tiny pipeline: --flag=value items; overrides use flag names without
     dashes, True gives a bare --flag, None or False drops the flag."""

@@ -9,10 +9,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from helpers import write_images
+from helpers import assert_within_eps, write_images
 from textual_inversion_core import run
 from textual_inversion_core.data import TextualInversionDataset, area_average, load_image
 from textual_inversion_core.errors import UserError
@@ -241,5 +240,7 @@ def test_a_masked_out_example_adds_no_gradient_through_the_models(tiny_models):
     mask[0] = 0
     _, with_blank = loss_and_grad(tiny_models, latents, noise, timesteps, mask)
     _, alone = loss_and_grad(tiny_models, latents[1:], noise[1:], timesteps[1:], mask[1:])
-    torch.testing.assert_close(with_blank, alone / 2, rtol=1e-4, atol=1e-10)
-    assert F.mse_loss(with_blank, alone / 2).item() < 1e-12
+    # Batch 2 and batch 1 run other kernels, so the two gradients differ by rounding: measured up to 17 eps x the
+    # gradient's norm (AVX-512, AVX2 and SSE kernels, 1 and 2 threads, 6 draws). A masked-out example that leaked
+    # its gradient would move it by 0.2-0.7 x the norm (~3e6 eps), so 256 eps still fails on the smallest leak.
+    assert_within_eps(with_blank.numpy(), (alone / 2).numpy(), 256, what="batch of 2, one masked out vs. batch of 1")
