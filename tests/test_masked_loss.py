@@ -229,8 +229,12 @@ def test_all_ones_equals_the_plain_loss_through_the_models(tiny_models):
     plain = loss_and_grad(tiny_models, latents, noise, timesteps)
     ones = loss_and_grad(tiny_models, latents, noise, timesteps, torch.ones(2, 1, 32, 32))
     assert plain[1].abs().sum() > 0
-    torch.testing.assert_close(ones[0], plain[0], rtol=1e-6, atol=0)
-    torch.testing.assert_close(ones[1], plain[1], rtol=1e-5, atol=1e-9)
+    # The two losses sum the same 8192 squared errors in other orders: a few eps of the loss at most (blocked sums of
+    # positive terms; measured equal on AVX-512, AVX2 and SSE kernels).
+    assert_within_eps(ones[0].numpy(), plain[0].numpy(), 32, scale=plain[0].item(), what="all-ones vs plain loss")
+    # Their gradients with respect to the prediction differ only by powers of two (1/8192 vs 1/2 x 1/4096), which
+    # are exact, so the same backward runs on equal inputs: bit-identical on any CPU.
+    assert torch.equal(ones[1], plain[1])
 
 
 def test_a_masked_out_example_adds_no_gradient_through_the_models(tiny_models):
