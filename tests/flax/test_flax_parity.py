@@ -5,6 +5,7 @@ import pytest
 
 from flax_backend import model as flax_model
 from flax_backend import weights as flax_weights
+from helpers import FRAMEWORK_GRADIENT_PARITY
 from textual_inversion_core.tokens import add_placeholder_tokens
 
 
@@ -79,7 +80,7 @@ def test_flax_loss_and_gradient_equal_pytorch(tiny_pipeline, prediction_type):
 
     assert abs(float(loss_fx) - float(loss_pt)) / abs(float(loss_pt)) <= 1e-4, (float(loss_fx), float(loss_pt))
     assert grad_fx.shape == grad_pt.shape == (num_vectors, dim)
-    print("relative gradient error", _relative_error(grad_fx, grad_pt), "loss", float(loss_fx), float(loss_pt))
-    assert _relative_error(grad_fx, grad_pt) <= 1e-4
-    for row in range(num_vectors):  # each vector's own gradient, not only the total
-        assert _relative_error(grad_fx[row], grad_pt[row]) <= 1e-4
+    errors = [_relative_error(grad_fx, grad_pt)] + [_relative_error(grad_fx[r], grad_pt[r]) for r in range(num_vectors)]
+    print("relative gradient error (all, per vector)", errors, "loss", float(loss_fx), float(loss_pt))
+    # each vector's own gradient too, not only the total
+    assert max(errors) <= FRAMEWORK_GRADIENT_PARITY, errors

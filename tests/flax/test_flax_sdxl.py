@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import TORCH_PYTHON, TORCH_SCRIPT, flax_base_args, read_vectors, run_flax, run_script
+from helpers import FRAMEWORK_GRADIENT_PARITY, TORCH_PYTHON, TORCH_SCRIPT, flax_base_args, read_vectors, run_flax, run_script
 
 STEPS = 4
 SETTINGS = dict(max_train_steps=STEPS, checkpointing_steps=2, save_steps=2, num_vectors=2)
@@ -137,4 +137,5 @@ def test_sdxl_loss_and_gradients_equal_pytorch(tiny_sdxl_pipeline):
     assert abs(float(loss_fx) - float(loss_pt)) / abs(float(loss_pt)) <= 1e-4, (float(loss_fx), float(loss_pt))
     for grad_fx, grad_pt in zip(grads_fx, grads_pt):  # each encoder's set, a clip_l/clip_g mix-up fails here
         assert grad_fx.shape == grad_pt.shape
-        assert _relative_error(grad_fx, grad_pt) <= 1e-4
+        print("relative gradient error", _relative_error(grad_fx, grad_pt), "loss", float(loss_fx), float(loss_pt))
+        assert _relative_error(grad_fx, grad_pt) <= FRAMEWORK_GRADIENT_PARITY

@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from flax_backend import model as fm
-from helpers import flax_base_args, read_vectors, run_flax
+from helpers import FLOAT32_EPS, flax_base_args, read_vectors, run_flax
 from test_logging import read_events
 from textual_inversion_core import controls
 
@@ -35,7 +35,10 @@ def test_min_snr_weights_equal_diffusers_and_the_numpy_reference(prediction_type
     state = FlaxDDPMScheduler(prediction_type=prediction_type, **SCHEDULE).create_state()
     ours = np.asarray(fm.min_snr_weights(state.common.alphas_cumprod, jnp.asarray(timesteps), GAMMA,
                                          prediction_type == "v_prediction"))
-    np.testing.assert_allclose(ours, expected, rtol=1e-5)
+    # Each framework's scheduler builds alphas_cumprod as a float32 running product of 1000 factors, in another order
+    # (XLA scans in a tree): a product of n float32 factors is within n eps relative, and so is each weight
+    # (measured 31 eps at t=999). A wrong formula is off by far more (v_prediction divided by snr: 8.5e-4 at t=0).
+    np.testing.assert_allclose(ours, expected, rtol=SCHEDULE["num_train_timesteps"] * FLOAT32_EPS)
     reference = controls.min_snr_weights(controls.snr(np.asarray(state.common.alphas_cumprod), timesteps), GAMMA,
                                          prediction_type)
     np.testing.assert_allclose(ours, reference, rtol=1e-6)
