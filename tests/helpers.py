@@ -45,6 +45,7 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7
 # other prediction type, a missing scale, the other encoder's vectors) changes the gradient by far more.
 FRAMEWORK_GRADIENT_PARITY = 2048 * FLOAT32_EPS
 
+
 def assert_within_eps(actual, expected, eps_count, scale=None, what=""):
     """Two float32 results of different computations (other kernels, batch sizes, thread counts, CPUs) agree:
     max |actual - expected| <= eps_count * float32 eps * scale, scale by default the L2 norm of expected.
