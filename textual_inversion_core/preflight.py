@@ -1,13 +1,12 @@
 """Checks and inputs both trainers settle before loading any model: errors arrive in seconds."""
 
 import collections
-import json
 import os
 import sys
 
 import numpy as np
 
-from . import checkpoints, controls, embeddings, run
+from . import checkpoints, controls, embeddings, families, run
 from .data import TextualInversionDataset
 from .errors import UserError
 
@@ -59,25 +58,10 @@ def load_run_inputs(args, optimizer=run.ADAMW):
 
 
 def model_family(name_or_path, revision=None):
-    """"sdxl" or "sd" from the pipeline's model_index.json (a local folder or the Hub cache), without loading
-    a model; None when this cannot be told yet (then the trainer decides once the model is loaded)."""
-    path = os.path.join(str(name_or_path), "model_index.json")
-    if not os.path.isdir(str(name_or_path)):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            path = try_to_load_from_cache(str(name_or_path), "model_index.json", revision=revision)
-        except Exception:  # not a repo id, no cache
-            return None
-    if isinstance(path, str) and os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                return "sdxl" if (json.load(f).get("text_encoder_2") or [None])[0] else "sd"
-        except (OSError, ValueError, AttributeError):
-            return None
-    if os.path.isdir(str(name_or_path)):  # a folder of components without model_index.json
-        return "sdxl" if os.path.isdir(os.path.join(str(name_or_path), "text_encoder_2")) else "sd"
-    return None
+    """The family's name ("sd", "sdxl", "sd3", "flux") from the pipeline's model_index.json, without loading a model;
+    None when this cannot be told yet (then the trainer decides once the model is loaded). See families.family_of."""
+    spec = families.family_of(name_or_path, revision)
+    return spec.name if spec is not None else None
 
 
 def read_init_from(args, family, widths=None):
