@@ -32,7 +32,8 @@ class FamilySpec:
     """A model family. encoders: every text encoder of the pipeline, in the pipeline's order; flow_matching: trained
     with the flow-matching loss (else DDPM noise prediction); pipeline_class: diffusers' pipeline class name;
     denoiser: the pipeline's folder of the denoising network; label: the name users know; flax: whether diffusers
-    has Flax models for it."""
+    has Flax models for it; tagged_files: its embedding files name the family and the encoder in their metadata
+    (learned_embeds_2 is CLIP-G in SD3 but T5 in Flux.1); SD/SDXL files keep the layout clients have read for years."""
 
     name: str
     encoders: Tuple[EncoderSpec, ...]
@@ -41,6 +42,7 @@ class FamilySpec:
     denoiser: str
     label: str
     flax: bool
+    tagged_files: bool = False
 
     @property
     def file_keys(self):
@@ -71,10 +73,11 @@ SDXL = FamilySpec("sdxl", (_encoder(1, "clip_l", "clip"), _encoder(2, "clip_g", 
 # SD3/SD3.5: CLIP-L and OpenCLIP bigG (both with projection), then T5-XXL.
 SD3 = FamilySpec("sd3", (_encoder(1, "clip_l", "clip"), _encoder(2, "clip_g", "clip"), _encoder(3, "t5xxl", "t5")),
                  flow_matching=True, pipeline_class="StableDiffusion3Pipeline", denoiser="transformer", label="SD3",
-                 flax=False)
+                 flax=False, tagged_files=True)
 # Flux.1: CLIP-L (its pooled output only) and T5-XXL (the sequence).
 FLUX = FamilySpec("flux", (_encoder(1, "clip_l", "clip"), _encoder(2, "t5xxl", "t5")), flow_matching=True,
-                  pipeline_class="FluxPipeline", denoiser="transformer", label="Flux.1", flax=False)
+                  pipeline_class="FluxPipeline", denoiser="transformer", label="Flux.1", flax=False,
+                  tagged_files=True)
 
 FAMILIES = {spec.name: spec for spec in (SD, SDXL, SD3, FLUX)}
 
