@@ -165,9 +165,10 @@ def test_a_file_of_another_family_is_refused(tmp_path, made_for, model):
     vectors = flow_vectors(made_for)
     embeddings.write_all(str(tmp_path), TOKEN, vectors, 4, "base", "object", export_formats=("kohya",), family=made_for)
     labels = {"flux": "Flux.1", "sd3": "SD3", "sdxl": "SDXL", "sd": "SD-1.x/2.x"}
+    article = {"flux": "a", "sd3": "an"}
     for name in ("cat-toy.safetensors", "learned_embeds.safetensors", "learned_embeds_2.bin"):
         line = one_line_error(embeddings.load_model_embedding, str(tmp_path / name), model)
-        assert f"is an {labels[made_for]}" in line or f"is a {labels[made_for]}" in line, line
+        assert f"is {article[made_for]} {labels[made_for]} embedding" in line, line
         assert f"this model is {labels[model]}" in line, line
 
 

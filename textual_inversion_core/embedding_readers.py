@@ -320,7 +320,8 @@ def _wrong_family(path, made_for, vectors, spec):
 
 
 def _a(label):
-    return f"an {label}" if label[:1] in "AEFHILMNORSX" else f"a {label}"
+    """The label with its article: "an SD3", "an SDXL", "a Flux.1" (SD is read letter by letter)."""
+    return f"an {label}" if label.startswith("SD") else f"a {label}"
 
 
 def load_parts_embedding(path, family, widths=None):

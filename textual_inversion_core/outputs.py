@@ -69,12 +69,15 @@ def finish_run(args, learned_vectors, global_step, loss_history, hub_repo_id, sa
     """The end of a run on the main process, in the same order for both trainers: the files above, then the full
     pipeline (save_full_pipeline(), the trainer's own) when asked for or needed by the push, then the Hub push.
     family: see write_final_outputs."""
+    family = families.get(family) if family else families.family_of(args.pretrained_model_name_or_path,
+                                                                      getattr(args, "revision", None))
     written = write_final_outputs(args, learned_vectors, global_step, loss_history, family=family)
     if args.save_as_full_pipeline or args.push_to_hub:
         save_full_pipeline()
         replace_local_model_paths(args.output_dir, args.pretrained_model_name_or_path)
     if args.push_to_hub:
-        hub.publish(args, hub_repo_id, sdxl=embeddings.is_sdxl_vectors(learned_vectors))
+        hub.publish(args, hub_repo_id, sdxl=embeddings.is_sdxl_vectors(learned_vectors),
+                    family=family.name if family else None)
         logger.info("pushed to %s", hub_repo_id)
     logger.info("wrote %s", ", ".join(os.path.basename(p) for p in written))
     return written
