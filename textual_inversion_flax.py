@@ -72,9 +72,11 @@ def main(argv=None):
 
     # ---- Checks that need no model: fail in seconds, not after loading gigabytes.
     trackers = check_flags(args)
+    from flax_backend.weights import check_family_has_flax, resolve_model_folder
+
+    check_family_has_flax(args.pretrained_model_name_or_path, args.revision)  # SD3 / Flux.1: textual_inversion.py
     inputs = load_run_inputs(args)
     dataset = inputs.dataset
-    from flax_backend.weights import resolve_model_folder
 
     folder = resolve_model_folder(args)
     start_jax(args)

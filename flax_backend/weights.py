@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 
+from textual_inversion_core import families
 from textual_inversion_core.errors import UserError
 
 logger = logging.getLogger("textual_inversion_flax")
@@ -49,13 +50,24 @@ def resolve_model_folder(args):
         raise UserError(f"cannot load the model {model!r} ({first}); check the path or hub id and --revision") from err
 
 
+def check_family_has_flax(name_or_path, revision=None):
+    """Stop on a family diffusers has no Flax models for (SD3, Flux.1), from model_index.json alone (a local folder
+    or the Hub cache), before any image or model loads. Returns the FamilySpec, or None when not told yet."""
+    spec = families.family_of(name_or_path, revision)
+    if spec is not None and not spec.flax:
+        article = "an" if spec.label.startswith("SD") else "a"
+        raise UserError(f"--pretrained_model_name_or_path {str(name_or_path)!r} is {article} {spec.label} pipeline "
+                        f"({spec.pipeline_class}), which diffusers has no Flax models for; train it with "
+                        "textual_inversion.py (the same flags)")
+    return spec
+
+
 def model_family(folder):
-    """"sdxl" when the pipeline folder has a second text encoder, else "sd"."""
-    index = os.path.join(folder, "model_index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            return "sdxl" if (json.load(f).get("text_encoder_2") or [None])[0] else "sd"
-    return "sdxl" if os.path.isdir(os.path.join(folder, "text_encoder_2")) else "sd"
+    """"sdxl" or "sd" of a pipeline folder (see families.family_of); SD3 and Flux.1 stop with one line."""
+    spec = check_family_has_flax(folder)
+    if spec is None:  # an unreadable model_index.json: the folders decide, as for a folder without one
+        return "sdxl" if os.path.isdir(os.path.join(folder, "text_encoder_2")) else "sd"
+    return spec.name
 
 
 def _weight_choice(names, variant):

@@ -171,5 +171,22 @@ def tiny_sdxl_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tmp_path_factory):
+    """A random-weight tiny SD3 pipeline folder: CLIP-L 32, CLIP-G 48 and T5 96 wide (built once per session)."""
+    from tools.make_tiny_pipeline import make_pipeline
+
+    return make_pipeline(str(tmp_path_factory.mktemp("pipelines") / "tiny-sd3"), size="tiny-sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline(tmp_path_factory):
+    """A random-weight tiny Flux.1 pipeline folder with the guidance embedding: CLIP-L 32 and T5 64 wide
+    (built once per session)."""
+    from tools.make_tiny_pipeline import make_pipeline
+
+    return make_pipeline(str(tmp_path_factory.mktemp("pipelines") / "tiny-flux"), size="tiny-flux", seed=0)
+
+
+@pytest.fixture(scope="session")
 def train_images(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("data") / "images")

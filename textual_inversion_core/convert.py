@@ -7,10 +7,11 @@ OUT's name: NAME.pt -> A1111, learned_embeds*.safetensors -> diffusers, other .s
 ComfyUI, .bin -> diffusers pickle. OUT may also be a folder: it then gets the diffusers files, the
 token files and the A1111 and kohya files named after the token, as a training run writes them.
 
-SDXL embeddings keep both parts: IN may be a {clip_l, clip_g} file or either file of a diffusers
-learned_embeds / learned_embeds_2 pair; OUT NAME.safetensors is the {clip_l, clip_g} file (webui, ComfyUI,
-kohya), learned_embeds.safetensors (or .bin) writes the pair. --dim WIDTH takes the one part of that width
-instead, as an SD-1.x/2.x embedding.
+Embeddings of several text encoders keep every part: IN may be a one-file embedding (SDXL {clip_l, clip_g};
+SD3 / Flux.1 {clip_l, clip_g, t5xxl}, OneTrainer's with t5) or any file of a diffusers set (learned_embeds,
+learned_embeds_2, learned_embeds_3 of one run); OUT NAME.safetensors is the one file (webui, ComfyUI, kohya; for
+SD3 / Flux.1 T5 under both t5xxl and t5), learned_embeds.safetensors (or .bin) writes the set. --dim WIDTH takes
+the one part of that width instead, as an SD-1.x/2.x embedding.
 """
 
 import argparse
@@ -26,15 +27,16 @@ FOLDER = "folder"
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m textual_inversion_core.convert",
                                 description="Convert a Textual Inversion embedding file to another format.")
-    p.add_argument("input", metavar="IN", help="embedding file to read (diffusers, A1111 .pt, kohya, clip_l/clip_g, tensor)")
+    p.add_argument("input", metavar="IN",
+                   help="embedding file to read (diffusers, A1111 .pt, kohya, clip_l/clip_g/t5xxl/t5, tensor)")
     p.add_argument("output", metavar="OUT", help="file to write, or a folder (ends with / or exists) for every format")
     p.add_argument("--token", default=None,
                    help="token to store (default: the one in IN; A1111 files carry the bare trigger word)")
     p.add_argument("--format", dest="fmt", default=None, choices=embeddings.WRITE_FORMATS + (FOLDER,),
                    help="output format (default: guessed from OUT's name)")
     p.add_argument("--dim", type=int, default=None,
-                   help="text encoder width; takes the clip_l (768) or clip_g (1280) part of an SDXL embedding "
-                        "as a one-encoder embedding (without it an SDXL embedding stays SDXL)")
+                   help="text encoder width; takes the clip_l (768), clip_g (1280) or t5xxl (4096) part of an SDXL, SD3 or "
+                        "Flux.1 embedding as a one-encoder embedding (without it every part is kept)")
     p.add_argument("--learnable_property", default="object", choices=["object", "style"],
                    help="written to type_of_concept.txt when OUT is a folder")
     return p
@@ -60,17 +62,19 @@ def default_token(path, found):
 
 
 def read_input(input_path, dim=None):
-    """IN as an EmbeddingFile: an SDXL embedding keeps both parts ({"clip_l", "clip_g"}) unless dim picks the part of
-    that width; any other file gives its one vector set (of width dim when given)."""
-    if not embeddings.is_sdxl_embedding(input_path):
+    """IN as an EmbeddingFile: an embedding of several text encoders (SDXL, SD3, Flux.1) keeps every part
+    ({file_key: [n, dim]}, with its family) unless dim picks the part of that width; any other file gives its one
+    vector set (of width dim when given)."""
+    family = embeddings.embedding_family(input_path)
+    if len(family.encoders) == 1:
         return embeddings.load_embedding(input_path, expected_dim=dim)
-    found = embeddings.load_sdxl_embedding(input_path)
+    found = embeddings.load_model_embedding(input_path, family)
     if dim is not None:
-        matching = [name for name in embeddings.SDXL_PARTS if found.vectors[name].shape[1] == dim]
+        matching = [key for key, vectors in found.vectors.items() if vectors.shape[1] == dim]
         if not matching:
-            widths = ", ".join(f"{name}={found.vectors[name].shape[1]}" for name in embeddings.SDXL_PARTS)
+            widths = ", ".join(f"{key}={vectors.shape[1]}" for key, vectors in found.vectors.items())
             raise UserError(f"{input_path!r} has no part of width {dim} ({widths}); pass --dim with one of these widths")
-        found.vectors = found.vectors[matching[0]]
+        found.vectors, found.family = found.vectors[matching[0]], None
     return found
 
 
@@ -89,13 +93,15 @@ def convert(input_path, output_path, token=None, fmt=None, dim=None, learnable_p
     if fmt == FOLDER:
         os.makedirs(output_path, exist_ok=True)
         written = embeddings.write_all(output_path, token, found.vectors, step, base_model, learnable_property,
-                                       export_formats=("a1111", "kohya"), base_model_hash=base_hash)
+                                       export_formats=("a1111", "kohya"), base_model_hash=base_hash,
+                                       family=found.family)
     else:
         folder = os.path.dirname(os.path.abspath(output_path))
         if not os.path.isdir(folder):
             raise UserError(f"folder {folder!r} for OUT does not exist; create it first")
         if embeddings.is_sdxl_vectors(found.vectors):
-            written = embeddings.write_sdxl_embedding(output_path, fmt, token, found.vectors, step, base_model, base_hash)
+            written = embeddings.write_parts_embedding(output_path, fmt, token, found.vectors, step, base_model,
+                                                       base_hash, family=found.family)
         else:
             written = [embeddings.write_embedding(output_path, fmt, token, found.vectors, step, base_model, base_hash)]
     return token, written

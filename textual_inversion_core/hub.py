@@ -3,13 +3,13 @@
 import json
 import os
 
-from . import atomic, plots
+from . import atomic, families, plots
 from .embeddings import DIFFUSERS_SAFETENSORS, file_stem_for_token, is_local_model, public_model_name
 from .errors import UserError
 
 # Never uploaded: resumable state, logs, temporary files and intermediate embeddings.
 UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", "logs/**", ".tmp-*", ".old-*", "learned_embeds-steps-*",
-                 "learned_embeds_2-steps-*", "**/.tmp-*", "*.lock"]
+                 "learned_embeds_2-steps-*", "learned_embeds_3-steps-*", "**/.tmp-*", "*.lock"]
 
 
 def resolve_repo_id(args):
@@ -47,11 +47,17 @@ def _base_model_parts(base_model, base_model_on_hub):
 
 
 def model_card(repo_id, base_model, token, learnable_property, num_vectors, images=(), export_formats=(),
-               base_model_on_hub=True, sdxl=False, safe_serialization=True):
+               base_model_on_hub=True, sdxl=False, safe_serialization=True, family=None, trained=None):
     """README.md for the Hub repo: YAML metadata, then how to use the embedding in each tool.
 
     base_model: the hub id (linked, and declared in the metadata), or with base_model_on_hub=False the local
-    model folder's name, never its path. sdxl: the embedding is SDXL's two files (see sdxl_model_card)."""
+    model folder's name, never its path. sdxl: the embedding is SDXL's two files (see sdxl_model_card). family:
+    the model's family; SD3 and Flux.1 get flow_model_card, with trained: the trained EncoderSpecs."""
+    spec = families.get(family) if family else None
+    if spec is not None and spec.tagged_files:
+        return flow_model_card(repo_id, base_model, token, learnable_property, num_vectors, spec,
+                               trained or families.trained_encoders(spec), images, export_formats, base_model_on_hub,
+                               safe_serialization)
     if sdxl:
         return sdxl_model_card(repo_id, base_model, token, learnable_property, num_vectors, images, export_formats,
                                base_model_on_hub, safe_serialization)
@@ -187,12 +193,89 @@ the same file.
 """
 
 
-def write_model_card(output_dir, repo_id, args, images=(), sdxl=False):
+def flow_model_card(repo_id, base_model, token, learnable_property, num_vectors, spec, trained, images=(),
+                    export_formats=(), base_model_on_hub=True, safe_serialization=True):
+    """model_card for an SD3 or Flux.1 embedding: load_embedding_into_pipeline puts every part into its encoder
+    (StableDiffusion3Pipeline has no textual-inversion loader); ComfyUI and OneTrainer take the one file."""
+    stem = file_stem_for_token(token)
+    base_model_yaml, base_model_text, load_base = _base_model_parts(base_model, base_model_on_hub)
+    gallery = "\n".join(f"![sample {i}](./{p})" for i, p in enumerate(images))
+    ext = "safetensors" if safe_serialization else "bin"
+    one_file = bool({"a1111", "kohya"} & set(export_formats))
+    keys = [e.file_key for e in trained] + (["t5"] if any(e.kind == "t5" for e in trained) else [])
+    multi = num_vectors > 1 and spec is families.SD3
+    trigger = " ".join([token] + [f"{token}_{i}" for i in range(1, num_vectors)]) if multi else token
+    files = "".join(f"- `{e.diffusers_stem}.{ext}`: diffusers format for `{e.subfolder}`, "
+                    f"`{{\"{token}\": float32[{num_vectors}, dim]}}`\n" for e in trained)
+    if one_file:
+        files += f"- `{stem}.safetensors`: every part in one file, keys {', '.join(f'`{k}`' for k in keys)}\n"
+        clients = (f"**ComfyUI**: copy `{stem}.safetensors` into `ComfyUI/models/embeddings/` and write `embedding:{stem}` "
+                   "in the prompt (it reads `clip_l`, `clip_g`, `t5xxl`). **OneTrainer** reads the same file "
+                   "(`clip_l`, `clip_g`, `t5`). AUTOMATIC1111 / Forge apply its CLIP parts only.")
+    else:
+        clients = (f"Make the one file first: `python -m textual_inversion_core.convert learned_embeds.{ext} "
+                   f"{stem}.safetensors`, then copy it into `ComfyUI/models/embeddings/` and write `embedding:{stem}`.")
+    t5_note = "" if any(e.kind == "t5" for e in trained) else " (CLIP encoders only; T5 was not trained)"
+    plain = ""
+    if spec is families.FLUX:
+        plain = "\nOr with diffusers alone, one call per file (the T5 part goes into `text_encoder_2`):\n\n```python\n" + "".join(
+            f'pipe.load_textual_inversion("{repo_id}", weight_name="{e.diffusers_stem}.{ext}", token="{token}",\n'
+            f"                            text_encoder=pipe.{e.subfolder}, tokenizer=pipe.{e.tokenizer})\n"
+            for e in trained) + "```\n"
+    plural = "s" if num_vectors != 1 else ""
+    encoders = ", ".join(e.subfolder for e in trained)
+    return f"""---
+{base_model_yaml}instance_prompt: {json.dumps(token)}
+tags:
+- {"stable-diffusion-3" if spec is families.SD3 else "flux"}
+- text-to-image
+- diffusers
+- textual_inversion
+- diffusers-training
+inference: false
+---
+
+# Textual Inversion ({spec.label}): {token}
+
+Learned embedding ({num_vectors} vector{plural} for each trained text encoder: {encoders}{t5_note}) of the
+{learnable_property} `{token}` for {spec.label}, {base_model_text}.
+
+## Use in diffusers
+
+`load_embedding_into_pipeline` (from this trainer's `textual_inversion_core`) puts every part into its own text
+encoder and tokenizer{" (diffusers' StableDiffusion3Pipeline has no textual-inversion loader)" if spec is families.SD3 else ""}:
+
+```python
+from diffusers import {spec.pipeline_class}
+from huggingface_hub import snapshot_download
+from textual_inversion_core.pipeline_loading import load_embedding_into_pipeline
+
+pipe = {spec.pipeline_class}.from_pretrained({load_base})
+trigger = load_embedding_into_pipeline(pipe, snapshot_download("{repo_id}"))  # "{trigger}"
+image = pipe(f"a photo of {{trigger}} on a beach").images[0]
+```
+{plain}
+## Use in ComfyUI and OneTrainer
+
+{clients}
+
+## Files
+
+{files}- `token_identifier.txt`, `type_of_concept.txt`: the token and the kind of concept
+
+{gallery}
+"""
+
+
+def write_model_card(output_dir, repo_id, args, images=(), sdxl=False, family=None):
     model = args.pretrained_model_name_or_path
+    spec = families.get(family) if family else None
+    trained = families.trained_encoders(spec, getattr(args, "enable_t5_ti", False)) if spec else None
     text = model_card(repo_id, public_model_name(model), args.placeholder_token, args.learnable_property,
                       args.num_vectors, images=images, export_formats=args.export_formats,
                       base_model_on_hub=not is_local_model(model), sdxl=sdxl,
-                      safe_serialization=not getattr(args, "no_safe_serialization", False))
+                      safe_serialization=not getattr(args, "no_safe_serialization", False), family=family,
+                      trained=trained)
     path = os.path.join(output_dir, "README.md")
     atomic.write_text(path, text)
     return path
@@ -212,10 +295,11 @@ def upload(output_dir, repo_id, token=None, message="End of training", logging_d
     return repo_id
 
 
-def publish(args, repo_id, sdxl=False):
+def publish(args, repo_id, sdxl=False, family=None):
     """End of a --push_to_hub run: model card showing the newest validation images, then the upload.
-    sdxl: the run learned SDXL's two vector sets (the card shows how to load both files)."""
+    sdxl: the run learned SDXL's two vector sets (the card shows how to load both files); family: the model's
+    family (SD3 / Flux.1 cards show load_embedding_into_pipeline)."""
     by_step = plots.validation_images_by_step(os.path.join(args.output_dir, "validation"))
     samples = [os.path.relpath(p, args.output_dir) for paths in by_step.values() for p in paths]
-    write_model_card(args.output_dir, repo_id, args, images=samples[-4:], sdxl=sdxl)
+    write_model_card(args.output_dir, repo_id, args, images=samples[-4:], sdxl=sdxl, family=family)
     return upload(args.output_dir, repo_id, token=args.hub_token, logging_dir=args.logging_dir)

@@ -3,21 +3,24 @@
 import json
 import os
 
-from . import atomic, embeddings, hub, plots
+from . import atomic, embeddings, families, hub, plots
 
 LOSS_CURVE_FILE = "loss.png"
 # Keys in which diffusers/transformers save_pretrained record where a part was loaded from.
 SOURCE_KEYS = ("_name_or_path", "name_or_path")
 
 
-def write_final_outputs(args, learned_vectors, global_step, loss_history):
+def write_final_outputs(args, learned_vectors, global_step, loss_history, family=None):
     """Embedding files (diffusers + --export_formats), token and concept files, and loss.png.
 
-    learned_vectors: float32 array [num_vectors, dim], or SDXL's {"clip_l": [n, dim_1], "clip_g": [n, dim_2]} (the
-    diffusers pair, and for a1111/kohya the one webui/ComfyUI file); loss_history: [(step, loss), ...] of this run.
+    learned_vectors: float32 array [num_vectors, dim], or {file_key: [n, dim]} of each trained text encoder in the
+    pipeline's order (SDXL's {"clip_l", "clip_g"}; SD3 / Flux.1 clip_l, clip_g, t5xxl): one diffusers file per
+    encoder, and for a1111/kohya the one webui/ComfyUI file; family: the model's (default: from its
+    model_index.json, else told from the vectors); loss_history: [(step, loss), ...] of this run.
     Returns the paths written, in the order a user would look for them.
     """
     model = args.pretrained_model_name_or_path
+    family = family or families.family_of(model, getattr(args, "revision", None))
     base_hash = None
     if {"a1111", "kohya"} & set(args.export_formats):  # only those files store it; hashing reads the whole file
         base_hash = embeddings.text_encoder_short_hash(model, revision=getattr(args, "revision", None),
@@ -25,7 +28,8 @@ def write_final_outputs(args, learned_vectors, global_step, loss_history):
     written = embeddings.write_all(args.output_dir, args.placeholder_token, learned_vectors, global_step,
                                    embeddings.public_model_name(model), args.learnable_property,
                                    export_formats=args.export_formats,
-                                   safe_serialization=not args.no_safe_serialization, base_model_hash=base_hash)
+                                   safe_serialization=not args.no_safe_serialization, base_model_hash=base_hash,
+                                   family=family)
     if loss_history:
         steps, losses = zip(*loss_history)
         written.append(plots.write_loss_curve(os.path.join(args.output_dir, LOSS_CURVE_FILE), steps, losses))
@@ -61,15 +65,19 @@ def replace_local_model_paths(pipeline_dir, model_name_or_path):
     return rewritten
 
 
-def finish_run(args, learned_vectors, global_step, loss_history, hub_repo_id, save_full_pipeline, logger):
+def finish_run(args, learned_vectors, global_step, loss_history, hub_repo_id, save_full_pipeline, logger, family=None):
     """The end of a run on the main process, in the same order for both trainers: the files above, then the full
-    pipeline (save_full_pipeline(), the trainer's own) when asked for or needed by the push, then the Hub push."""
-    written = write_final_outputs(args, learned_vectors, global_step, loss_history)
+    pipeline (save_full_pipeline(), the trainer's own) when asked for or needed by the push, then the Hub push.
+    family: see write_final_outputs."""
+    family = families.get(family) if family else families.family_of(args.pretrained_model_name_or_path,
+                                                                      getattr(args, "revision", None))
+    written = write_final_outputs(args, learned_vectors, global_step, loss_history, family=family)
     if args.save_as_full_pipeline or args.push_to_hub:
         save_full_pipeline()
         replace_local_model_paths(args.output_dir, args.pretrained_model_name_or_path)
     if args.push_to_hub:
-        hub.publish(args, hub_repo_id, sdxl=embeddings.is_sdxl_vectors(learned_vectors))
+        hub.publish(args, hub_repo_id, sdxl=embeddings.is_sdxl_vectors(learned_vectors),
+                    family=family.name if family else None)
         logger.info("pushed to %s", hub_repo_id)
     logger.info("wrote %s", ", ".join(os.path.basename(p) for p in written))
     return written

@@ -1,13 +1,12 @@
 """Checks and inputs both trainers settle before loading any model: errors arrive in seconds."""
 
 import collections
-import json
 import os
 import sys
 
 import numpy as np
 
-from . import checkpoints, controls, embeddings, run
+from . import checkpoints, controls, embeddings, families, run
 from .data import TextualInversionDataset
 from .errors import UserError
 
@@ -53,49 +52,49 @@ def load_run_inputs(args, optimizer=run.ADAMW):
         run.check_optimizer(resume_path, resume_state, optimizer)
     family = model_family(args.pretrained_model_name_or_path, args.revision)
     if family is not None and resume_tensors is not None:  # an SD-1.x checkpoint on SDXL (or the reverse)
-        run.check_vector_set_count(resume_path, resume_tensors, 2 if family == "sdxl" else 1)
+        run.check_vector_set_count(resume_path, resume_tensors,
+                                   len(families.trained_encoders(family, getattr(args, "enable_t5_ti", False))))
     init_vectors = read_init_from(args, family) if args.init_from else None
     return RunInputs(dataset, resume_path, resume_tensors, resume_state, init_vectors)
 
 
 def model_family(name_or_path, revision=None):
-    """"sdxl" or "sd" from the pipeline's model_index.json (a local folder or the Hub cache), without loading
-    a model; None when this cannot be told yet (then the trainer decides once the model is loaded)."""
-    path = os.path.join(str(name_or_path), "model_index.json")
-    if not os.path.isdir(str(name_or_path)):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            path = try_to_load_from_cache(str(name_or_path), "model_index.json", revision=revision)
-        except Exception:  # not a repo id, no cache
-            return None
-    if isinstance(path, str) and os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                return "sdxl" if (json.load(f).get("text_encoder_2") or [None])[0] else "sd"
-        except (OSError, ValueError, AttributeError):
-            return None
-    if os.path.isdir(str(name_or_path)):  # a folder of components without model_index.json
-        return "sdxl" if os.path.isdir(os.path.join(str(name_or_path), "text_encoder_2")) else "sd"
-    return None
+    """The family's name ("sd", "sdxl", "sd3", "flux") from the pipeline's model_index.json, without loading a model;
+    None when this cannot be told yet (then the trainer decides once the model is loaded). See families.family_of."""
+    spec = families.family_of(name_or_path, revision)
+    return spec.name if spec is not None else None
 
 
 def read_init_from(args, family, widths=None):
-    """--init_from as one float32 [num_vectors, dim] array per text encoder (SDXL: text_encoder's, then
-    text_encoder_2's). With the family still unknown, the file is read as it is (fit_init_vectors takes the
-    right parts once the model is loaded)."""
+    """--init_from as one float32 [num_vectors, dim] array per trained text encoder, in the pipeline's order (SDXL:
+    text_encoder's, then text_encoder_2's; SD3 / Flux.1: the CLIP encoders', then T5's with --enable_t5_ti). With the
+    family still unknown, the file is read as it is (fit_init_vectors takes the right parts once the model is
+    loaded). widths: see embeddings.load_model_embedding."""
     path = args.init_from
     if family is None:
         sets = [embeddings.read_embedding(path)[1]]
     else:
+        spec = families.get(family)
         if widths is None:
-            widths = embeddings.text_encoder_widths(args.pretrained_model_name_or_path, family, args.revision)
+            widths = embeddings.text_encoder_widths(args.pretrained_model_name_or_path, spec, args.revision)
         try:
-            found = embeddings.load_model_embedding(path, family, widths)
+            found = embeddings.load_model_embedding(path, spec, widths)
         except UserError as err:
             raise UserError(f"--init_from: {err}") from None
         found = getattr(found, "vectors", found)
-        sets = [found["clip_l"], found["clip_g"]] if isinstance(found, dict) else [found]
+        if spec.tagged_files:
+            enable_t5_ti = getattr(args, "enable_t5_ti", False)
+            trained = families.trained_encoders(spec, enable_t5_ti)
+            missing = [encoder for encoder in trained if encoder.file_key not in found]
+            if missing:
+                held = ", ".join(found)
+                fix = "train without --enable_t5_ti" if enable_t5_ti and {e.kind for e in missing} == {"t5"} \
+                    else "use an embedding of every trained text encoder"
+                raise UserError(f"--init_from {path!r} has no {missing[0].file_key} part (it holds {held}) but this run "
+                                f"trains {missing[0].subfolder}: {fix}")
+            sets = [found[encoder.file_key] for encoder in trained]
+        else:
+            sets = [found["clip_l"], found["clip_g"]] if isinstance(found, dict) else [found]
     for vectors in sets:
         if not np.isfinite(vectors).all():
             raise UserError(f"--init_from {path!r} contains NaN or infinite values; use an embedding from a "
@@ -106,12 +105,16 @@ def read_init_from(args, family, widths=None):
     return sets
 
 
-def fit_init_vectors(args, init_sets, dims):
-    """--init_from vectors for each text encoder, at its width (dims: one width per encoder, known once the model
-    is loaded). Returns one array (or None) per encoder; a file that does not fit the model is a one-line error."""
+def fit_init_vectors(args, init_sets, dims, family=None):
+    """--init_from vectors for each trained text encoder, at its width (dims: one width per trained encoder, known
+    once the model is loaded; family: the model's, else SD or SDXL by the number of dims). Returns one array (or
+    None) per trained encoder; a file that does not fit the model is a one-line error."""
     if init_sets is None:
         return [None] * len(dims)
     if len(init_sets) == len(dims) and [v.shape[1] for v in init_sets] == list(dims):
         return list(init_sets)
-    family = "sdxl" if len(dims) == 2 else "sd"
-    return read_init_from(args, family, tuple(dims))
+    spec = families.get(family or ("sdxl" if len(dims) == 2 else "sd"))
+    if spec.tagged_files:
+        trained = families.trained_encoders(spec, getattr(args, "enable_t5_ti", False))
+        return read_init_from(args, spec, {encoder.file_key: dim for encoder, dim in zip(trained, dims)})
+    return read_init_from(args, spec.name, tuple(dims))

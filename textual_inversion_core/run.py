@@ -422,9 +422,12 @@ def host_batch(plan, dataset, latents, seed, step, first_device, num_local_devic
     return {name: np.stack(values) for name, values in fields.items()}
 
 
-def output_vectors(vector_sets):
+def output_vectors(vector_sets, encoders=None):
     """What the embedding writers take: the one array of an SD-1.x/2.x run, or SDXL's two sets named as the
-    webui/ComfyUI SDXL files name them, {"clip_l": text_encoder's, "clip_g": text_encoder_2's}."""
+    webui/ComfyUI SDXL files name them, {"clip_l": text_encoder's, "clip_g": text_encoder_2's}. encoders: the
+    trained EncoderSpecs (families.trained_encoders), giving {file_key: set} in their order (SD3, Flux.1)."""
+    if encoders is not None:
+        return {encoder.file_key: np.asarray(v, np.float32) for encoder, v in zip(encoders, vector_sets)}
     if len(vector_sets) == 1:
         return np.asarray(vector_sets[0], np.float32)
     return {"clip_l": np.asarray(vector_sets[0], np.float32), "clip_g": np.asarray(vector_sets[1], np.float32)}

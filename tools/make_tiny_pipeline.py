@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 """Write a complete StableDiffusionPipeline (or StableDiffusionXLPipeline) folder with random weights, offline.
 
-    python tools/make_tiny_pipeline.py OUT_DIR [--size tiny|sd15|tiny-sdxl|sdxl] [--seed 0]
+    python tools/make_tiny_pipeline.py OUT_DIR [--size tiny|sd15|tiny-sdxl|sdxl|tiny-sd3|tiny-flux|tiny-flux-schnell]
+                                               [--seed 0]
 
 `tiny` is about the size of diffusers' own test pipeline (trains at 64 px in well under a second a
 step on a CPU); `sd15` has the public Stable Diffusion 1.5 architecture (for benchmarks); `tiny-sdxl`
 is a tiny SDXL pipeline whose two text encoders have different widths (32 and 48), so code that mixes
 up CLIP-L and OpenCLIP-bigG fails on it; `sdxl` has SDXL base 1.0's architecture (3.5 B parameters,
-13.9 GB of fp32 files; generating it needs ~11 GB of RAM, one model at a time). All use the real
-CLIP BPE vocabulary (49408 tokens) read from the `clip-anytorch` or `open_clip_torch` wheel, so
+13.9 GB of fp32 files; generating it needs ~11 GB of RAM, one model at a time). `tiny-sd3` and
+`tiny-flux` are the flow-matching families at test size (see tools/tiny_flow_pipelines.py): SD3's three
+encoders and Flux.1's two, a T5 tokenizer trained here, a 16-channel VAE; `tiny-flux-schnell` is tiny-flux
+without the guidance embedding (as FLUX.1-schnell). All use the real CLIP BPE
+vocabulary (49408 tokens) read from the `clip-anytorch` or `open_clip_torch` wheel, so
 token ids match the real models. CLIPTextModel is
 saved with the `text_model.` key prefix, which both transformers 4.x and 5.x load (5.x itself would
 drop the prefix, which 4.x misreads); CLIPTextModelWithProjection keeps it in both versions.
@@ -27,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from textual_inversion_core.hf_layout import add_text_model_prefix, move_into  # noqa: E402
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+FLOW_SIZES = ("tiny-sd3", "tiny-flux", "tiny-flux-schnell")
 
 
 def find_clip_vocab():
@@ -198,6 +203,10 @@ def make_sdxl_base_pipeline(out_dir, seed=0):
 
 
 def make_pipeline(out_dir, size="tiny", seed=0):
+    if size in FLOW_SIZES:
+        from tools import tiny_flow_pipelines
+
+        return tiny_flow_pipelines.make_flow_pipeline(out_dir, size, seed)
     if size == "tiny-sdxl":
         return make_sdxl_pipeline(out_dir, seed)
     if size == "sdxl":
@@ -287,7 +296,7 @@ def save_pipeline_folder(pipe, tokenizer_dir, out_dir, extra_files=None, tokeniz
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--size", choices=["tiny", "sd15", "tiny-sdxl", "sdxl"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "sd15", "tiny-sdxl", "sdxl", *FLOW_SIZES], default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     make_pipeline(args.out_dir, args.size, args.seed)
