@@ -7,6 +7,7 @@ import os
 import signal
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from helpers import base_args, read_vectors, run_script
@@ -87,3 +88,51 @@ def test_zero_learning_rate_exports_the_initializer_and_gives_the_signal_handler
     table = load_file(os.path.join(tiny_pipeline, "text_encoder", "model.safetensors"))[
         "text_model.embeddings.token_embedding.weight"]
     assert np.array_equal(read_vectors(os.path.join(out, "learned_embeds.safetensors")), np.stack([table[toy]] * 2))
+
+
+def _initializer_rows(pipeline, word, count):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
+    row = tokenizer.encode(word, add_special_tokens=False)[0]
+    table = load_file(os.path.join(pipeline, "text_encoder", "model.safetensors"))[
+        "text_model.embeddings.token_embedding.weight"]
+    return np.stack([table[row]] * count)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])  # CPU autocast runs both
+def test_mixed_precision_starts_from_the_initializer_itself(tiny_pipeline, train_images, tmp_path, precision):
+    """The trainable vectors are fp32 from the start: --learning_rate 0 with --mixed_precision returns the
+    initializer exactly, not rounded through bf16/fp16 (it was 1.2e-4 off with bf16, 1.4e-5 with fp16)."""
+    out = str(tmp_path / "out")
+    result = run_script(base_args(tiny_pipeline, train_images, out, mixed_precision=precision, learning_rate=0,
+                                  max_train_steps=1, num_vectors=2, export_formats="diffusers"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    learned = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    np.testing.assert_array_equal(learned, _initializer_rows(tiny_pipeline, "toy", 2))
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_placeholder_vectors_stay_fp32_in_a_half_text_encoder(tiny_pipeline, dtype_name):
+    """As the trainer prepares it: the text encoder cast to half, then the placeholder embedding inserted. The
+    vectors are the fp32 start vectors, the forward pass runs in half, and the gradient reaches the fp32 vectors."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from torch_backend.model import insert_placeholder_embedding
+
+    dtype = getattr(torch, dtype_name)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
+    tokenizer.add_tokens(["<t>"])
+    text_encoder = CLIPTextModel.from_pretrained(tiny_pipeline, subfolder="text_encoder").to(dtype=dtype).eval()
+    start = _initializer_rows(tiny_pipeline, "toy", 1)
+    embedding = insert_placeholder_embedding(text_encoder, len(tokenizer), [tokenizer.convert_tokens_to_ids("<t>")],
+                                             start)
+    assert embedding.vectors.dtype == torch.float32 and embedding.vectors.requires_grad
+    np.testing.assert_array_equal(embedding.vectors.detach().numpy(), start)
+    assert {p.dtype for name, p in text_encoder.named_parameters() if not name.endswith("vectors")} == {dtype}
+    ids = torch.tensor(tokenizer(["a photo of a <t>"], padding="max_length", max_length=77).input_ids)
+    hidden = text_encoder(ids)[0]
+    assert hidden.dtype == dtype
+    hidden.float().square().mean().backward()
+    assert embedding.vectors.grad.dtype == torch.float32 and embedding.vectors.grad.abs().sum() > 0
