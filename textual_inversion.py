@@ -94,6 +94,8 @@ def main(argv=None, prog="textual_inversion.py"):
     # ---- Load
     models = tm.load_models(args)
     run.check_prediction_type(models.noise_scheduler.config.prediction_type)
+    if args.enable_xformers_memory_efficient_attention:
+        tm.enable_xformers_attention(models)
     # The placeholder tokens go into every tokenizer (SDXL: both), with the same strings in every prompt.
     added = [add_placeholder_tokens(tok, args.placeholder_token, args.num_vectors, args.initializer_token)
              for tok in models.tokenizers]

@@ -136,3 +136,70 @@ def test_placeholder_vectors_stay_fp32_in_a_half_text_encoder(tiny_pipeline, dty
     assert hidden.dtype == dtype
     hidden.float().square().mean().backward()
     assert embedding.vectors.grad.dtype == torch.float32 and embedding.vectors.grad.abs().sum() > 0
+
+
+def test_xformers_flag_switches_the_unet_and_the_validation_pipeline(tiny_pipeline, train_images, tmp_path,
+                                                                      monkeypatch):
+    """On a machine with xformers and CUDA (simulated: the guard sees both) the flag is applied: diffusers'
+    enable_xformers_memory_efficient_attention (a spy here) is called on the UNet and the VAE, and the
+    validation pipeline samples with those same modules."""
+    import importlib.util
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import torch
+    from diffusers import ModelMixin, StableDiffusionPipeline
+    from PIL import Image
+
+    import textual_inversion
+
+    real_find_spec, real_check = importlib.util.find_spec, textual_inversion.check_xformers
+
+    def check_on_a_gpu_machine(args):
+        def find_spec(name, *rest):
+            return mock.sentinel.spec if name == "xformers" else real_find_spec(name, *rest)
+
+        with mock.patch("importlib.util.find_spec", find_spec), mock.patch.object(torch.cuda, "is_available",
+                                                                                 return_value=True):
+            real_check(args)
+
+    enabled, sampled_with = [], []
+
+    def spy(self, attention_op=None):
+        enabled.append(self)
+
+    def call(self, prompt, **kwargs):  # what sampling would use; 25 UNet steps are not needed to see it
+        sampled_with.append((self.unet, self.vae))
+        return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))])
+
+    monkeypatch.setattr(textual_inversion, "check_xformers", check_on_a_gpu_machine)
+    monkeypatch.setattr(ModelMixin, "enable_xformers_memory_efficient_attention", spy)
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", call)
+    out = str(tmp_path / "out")
+    assert textual_inversion.main(base_args(tiny_pipeline, train_images, out, max_train_steps=1,
+                                            enable_xformers_memory_efficient_attention=True,
+                                            validation_prompt="a photo of <cat-toy>", validation_steps=1,
+                                            num_validation_images=1, export_formats="diffusers")) == 0
+    assert sorted(type(m).__name__ for m in enabled) == ["AutoencoderKL", "UNet2DConditionModel"]
+    assert sampled_with and all(unet is enabled[0] or unet is enabled[1] for unet, _ in sampled_with)
+    assert all(any(vae is m for m in enabled) for _, vae in sampled_with)
+    assert os.listdir(os.path.join(out, "validation")) == ["step-000001-0.png"]
+
+
+def test_xformers_that_does_not_run_is_one_line(tiny_pipeline, monkeypatch):
+    """A broken xformers build (diffusers' own check op fails) ends in one line naming the flag, not a traceback."""
+    from diffusers import ModelMixin
+
+    from textual_inversion_core.errors import UserError
+    from torch_backend import model as tm
+
+    def broken(self, attention_op=None):
+        raise RuntimeError("No operator found for `memory_efficient_attention_forward`\nwith inputs: ...")
+
+    monkeypatch.setattr(ModelMixin, "enable_xformers_memory_efficient_attention", broken)
+    models = tm.Models("sd", [], [], vae=object(), unet=ModelMixin(), noise_scheduler=None)
+    with pytest.raises(UserError) as info:
+        tm.enable_xformers_attention(models)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("--enable_xformers_memory_efficient_attention")
+    assert "No operator found" in message and "drop the flag" in message

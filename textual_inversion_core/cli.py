@@ -195,7 +195,8 @@ def build_parser(prog=None, description=None):
         help='Resume from "checkpoint-N" (or a path to one) or from "latest".')
 
     add("--enable_xformers_memory_efficient_attention", action="store_true",
-        help="Use xFormers attention (needs xformers and a CUDA GPU); the Flax script uses diffusers' chunked JAX attention.")
+        help="Use xFormers attention in the UNet and VAE (needs xformers and a CUDA GPU); "
+             "the Flax script uses diffusers' chunked JAX attention.")
     add("--no_safe_serialization", action="store_true",
         help="Write learned_embeds only as .bin (torch pickle), not .safetensors.")
     return p

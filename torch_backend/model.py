@@ -99,6 +99,21 @@ def load_models(args):
     return Models(family, tokenizers, text_encoders, vae, unet, noise_scheduler)
 
 
+def enable_xformers_attention(models):
+    """--enable_xformers_memory_efficient_attention: xFormers attention in the UNet, as diffusers' script, and in
+    the VAE. Validation's pipeline is built from these same modules, so it samples with xFormers too; the VAE is
+    switched here, once, rather than by the first validation round, so that posteriors cached before and after it
+    (and those of a resumed run) come from the same attention. textual_inversion.check_xformers has refused a
+    machine without xformers or CUDA before anything loaded; what is left is a broken xformers build."""
+    for module in (models.unet, models.vae):
+        try:
+            module.enable_xformers_memory_efficient_attention()
+        except Exception as err:  # xformers' own check (diffusers runs one small attention op) failed
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise UserError(f"--enable_xformers_memory_efficient_attention: xformers does not run here ({first}); "
+                            "install the xformers build that matches your torch and CUDA, or drop the flag") from err
+
+
 def load_text_encoder(args, folder="text_encoder"):
     """A text encoder of the model (CLIPTextModel, or for SDXL's text_encoder_2 CLIPTextModelWithProjection),
     checked to hold its own weights."""
