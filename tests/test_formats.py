@@ -271,6 +271,37 @@ def test_converter_guesses_format_from_name_and_writes_folders(tmp_path):
         convert.convert(src, str(tmp_path / "x.pt"), token="two words")
 
 
+@pytest.mark.parametrize("fmt, name, message", [
+    ("kohya", "x.pt", "--format kohya writes safetensors, but OUT 'x.pt' ends in .pt: tools would fail to load it; "
+                      "name it x.safetensors, or drop --format to write what the name says (a1111)"),
+    ("diffusers", "learned_embeds.bin", "name it learned_embeds.safetensors, or drop --format"),
+    ("a1111", "x.safetensors", "--format a1111 writes a torch pickle, but OUT 'x.safetensors' ends in .safetensors"),
+    ("diffusers-bin", "learned_embeds.safetensors", "name it learned_embeds.bin"),
+    ("raw", "tensor", "OUT 'tensor' has no extension: tools would fail to load it; name it tensor.pt"),
+    ("a1111", "out/", "--format a1111 writes one file but OUT 'out' is a folder"),
+])
+def test_converter_refuses_a_name_that_contradicts_the_format(tmp_path, fmt, name, message):
+    """The webui, ComfyUI and InvokeAI choose how to read a file by its extension: safetensors bytes in a .pt (or a
+    pickle in a .safetensors) would fail to load there, so the converter does not write them."""
+    src = embeddings.write_a1111(str(tmp_path / "cat-toy.pt"), TOKEN, random_vectors(2), 3, "base")
+    out = os.path.join(str(tmp_path), name)  # "out/" keeps its slash: a folder
+    with pytest.raises(UserError) as info:
+        convert.convert(src, out, fmt=fmt)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert os.listdir(tmp_path) == ["cat-toy.pt"]
+
+
+def test_converter_writes_each_format_under_each_of_its_names(tmp_path):
+    vectors = random_vectors(2, seed=4)
+    src = embeddings.write_a1111(str(tmp_path / "cat-toy.pt"), TOKEN, vectors, 3, "base")
+    for fmt, names in convert.EXTENSIONS.items():
+        for ext in names:
+            out = str(tmp_path / fmt / f"out{ext}")
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            assert convert.convert(src, out, fmt=fmt)[1] == [out]
+            np.testing.assert_array_equal(embeddings.load_embedding(out).vectors, vectors)
+
+
 def test_converter_command_line(tmp_path):
     """`python -m textual_inversion_core.convert IN OUT` as a user runs it; bad input is one line, exit 2."""
     vectors = random_vectors(2)
