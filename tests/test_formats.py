@@ -217,6 +217,27 @@ def test_files_made_elsewhere_lose_the_path_of_their_base_model(tmp_path):
         assert embeddings.load_embedding(str(tmp_path / "x.pt")).base_model == expected, written_name
 
 
+def readme_paragraph(start):
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    return text[text.index(start):].split("\n\n")[0]
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_readme_says_which_files_no_safe_serialization_writes(tmp_path, sdxl):
+    """Every file the run's end writes with --no_safe_serialization and the default --export_formats is named where
+    the README describes the flag (it once said only .bin files were written, but <name>.safetensors is too)."""
+    from textual_inversion_core.cli import EXPORT_FORMATS
+
+    vectors = {"clip_l": random_vectors(2, 32), "clip_g": random_vectors(2, 48)} if sdxl else random_vectors(2)
+    written = embeddings.write_all(str(tmp_path), TOKEN, vectors, 3, "base", "object", export_formats=EXPORT_FORMATS,
+                                   safe_serialization=False)
+    paragraph = readme_paragraph("With `--no_safe_serialization`")
+    embedding_files = [os.path.basename(p) for p in written if not p.endswith(".txt")]
+    assert any(name.endswith(".safetensors") for name in embedding_files)
+    for name in embedding_files:
+        assert f"`{name.replace('cat-toy', '<name>')}`" in paragraph, (name, paragraph)
+
+
 # --------------------------------------------------------------------------------------------------
 # Converter
 

@@ -258,13 +258,25 @@ def write_sdxl(path, token, vectors, step, base_model, base_model_hash=None):
     return path
 
 
+def write_sdxl_pt(path, vectors):
+    """The webui's SDXL .pt: a torch pickle (legacy layout, see _pickle_bytes) of exactly {"clip_l", "clip_g"} tensors.
+    The webui's loader takes every value of such a dict as a tensor, so unlike write_a1111's file it holds no name,
+    step or base model (the {clip_l, clip_g} .safetensors keeps those in its metadata)."""
+    torch = _torch()
+    clip_l, clip_g = sdxl_parts(vectors)
+    atomic.write_bytes(path, _pickle_bytes({"clip_l": torch.from_numpy(clip_l.copy()),
+                                            "clip_g": torch.from_numpy(clip_g.copy())}))
+    return path
+
+
 def write_all(output_dir, token, vectors, step, base_model, learnable_property, export_formats=(),
               safe_serialization=True, base_model_hash=None):
     """The final result: diffusers files, token and concept files, and the asked-for extra formats.
     base_model: the name to store (see public_model_name); a path is cut to its last part.
 
     SDXL vectors: the diffusers pair, and for a1111 and/or kohya the one {"clip_l", "clip_g"} <stem>.safetensors
-    both read (the webui has no SDXL .pt)."""
+    that the webui, ComfyUI, kohya and InvokeAI all read (a <stem>.pt beside it would give the webui two embeddings
+    of one name; the converter writes the SDXL .pt on request)."""
     written = write_diffusers(output_dir, token, vectors, safe_serialization=safe_serialization)
     atomic.write_text(os.path.join(output_dir, TOKEN_FILE), token)
     atomic.write_text(os.path.join(output_dir, CONCEPT_FILE), learnable_property)
@@ -568,14 +580,14 @@ def guess_format(path):
 
 
 def write_sdxl_embedding(path, fmt, token, vectors, step=0, base_model="", base_model_hash=None):
-    """SDXL vectors in format fmt: kohya -> the one {"clip_l", "clip_g"} file; diffusers / diffusers-bin -> path
-    (learned_embeds*) and its learned_embeds_2 twin. Returns the paths written."""
+    """SDXL vectors in format fmt: kohya -> the one {"clip_l", "clip_g"} file; a1111 -> the webui's SDXL .pt (the same
+    two tensors pickled); diffusers / diffusers-bin -> path (learned_embeds*) and its learned_embeds_2 twin. Returns
+    the paths written."""
     if fmt == "kohya":
         return [write_sdxl(path, token, vectors, step or 0, base_model, base_model_hash)]
     name = os.path.basename(path)
     if fmt == "a1111":
-        raise UserError(f"the A1111 webui has no SDXL .pt; write {os.path.splitext(name)[0]}.safetensors instead "
-                        "(the {clip_l, clip_g} file the webui and ComfyUI read)")
+        return [write_sdxl_pt(path, vectors)]
     if fmt == "raw":
         raise UserError("a raw tensor holds one vector set and an SDXL embedding has two; choose another format")
     if fmt not in ("diffusers", "diffusers-bin"):
