@@ -94,6 +94,8 @@ def main(argv=None, prog="textual_inversion.py"):
     # ---- Load
     models = tm.load_models(args)
     run.check_prediction_type(models.noise_scheduler.config.prediction_type)
+    if args.enable_xformers_memory_efficient_attention:
+        tm.enable_xformers_attention(models)
     # The placeholder tokens go into every tokenizer (SDXL: both), with the same strings in every prompt.
     added = [add_placeholder_tokens(tok, args.placeholder_token, args.num_vectors, args.initializer_token)
              for tok in models.tokenizers]
@@ -108,13 +110,9 @@ def main(argv=None, prog="textual_inversion.py"):
         module.requires_grad_(False)
     tables = [te.get_input_embeddings().weight.data for te in text_encoders]
     starts = fit_init_vectors(args, inputs.init_vectors, [t.shape[1] for t in tables])
-    vector_sets = []
-    for i, (text_encoder, tokenizer, table, (placeholder_ids, initializer_ids)) in enumerate(
-            zip(text_encoders, models.tokenizers, tables, added)):
+    for i, (table, (_, initializer_ids)) in enumerate(zip(tables, added)):
         if starts[i] is None:  # the initializer word's embedding, or a phrase's (tokens.initializer_rows)
             starts[i] = initializer_vectors(table.float().numpy(), initializer_ids, args.num_vectors)
-        vector_sets.append(tm.insert_placeholder_embedding(text_encoder, len(tokenizer), placeholder_ids,
-                                                           starts[i]).vectors)
     del tables
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -124,8 +122,11 @@ def main(argv=None, prog="textual_inversion.py"):
     for text_encoder in text_encoders:
         text_encoder.to(device, dtype=weight_dtype)
         text_encoder.eval()
-    for vectors in vector_sets:
-        vectors.data = vectors.data.float()
+    # Inserted after the cast, so the trainable vectors are the fp32 start vectors themselves (never rounded
+    # through fp16/bf16); the rest of each text encoder runs in weight_dtype.
+    vector_sets = [tm.insert_placeholder_embedding(text_encoder, len(tokenizer), placeholder_ids, start).vectors
+                   for text_encoder, tokenizer, (placeholder_ids, _), start in
+                   zip(text_encoders, models.tokenizers, added, starts)]
     unet.eval()
     if args.gradient_checkpointing:
         # Both only checkpoint in train mode; neither has dropout in SD configs, so outputs are the same.

@@ -371,6 +371,20 @@ def test_xformers_where_it_cannot_run(tiny_pipeline, train_images, tmp_path, cap
     assert files_under(out) == set()
 
 
+def test_wandb_on_a_machine_that_never_logged_in(tiny_pipeline, train_images, tmp_path, capsys, monkeypatch):
+    """--report_to wandb with an empty HOME and no W&B variables: one line before any model, not wandb's traceback."""
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_CONFIG_DIR",
+                 "WANDB_DIR", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    refusal(bad_args(tiny_pipeline, train_images, out, report_to="wandb"), capsys,
+            "--report_to wandb has no login on this machine", "wandb login", "WANDB_MODE=offline")
+    assert files_under(out) == set()
+
+
 @pytest.mark.parametrize("kind", ["empty_folder", "folder_of_other_files", "a_file", "missing_offline"])
 def test_model_path_not_a_pipeline(tiny_pipeline, train_images, tmp_path, kind):
     model = tmp_path / "model"

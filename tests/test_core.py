@@ -1,6 +1,7 @@
 """The framework-free core: imports without torch/jax, schedules equal diffusers', data order is exact."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -92,6 +93,18 @@ def test_checkpoint_rotation_and_latest(tmp_path):
     latest = checkpoints.resolve_checkpoint(out, "latest")
     tensors, state = checkpoints.load_checkpoint(latest)
     assert state["step"] == 20 and tensors["vectors"][0, 0] == 20
+
+
+def test_readme_multi_process_commands_really_start_several_processes():
+    """Without --multi_gpu (or a config file) `accelerate launch --num_processes N` starts N processes only on a
+    machine with several GPUs; on CPU it silently runs one (tests/test_multiprocess.py launches the form shown)."""
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    commands = [c for c in re.findall(r"accelerate launch[^`\n]*", readme) if "--num_processes" in c]
+    assert commands
+    for command in commands:
+        processes = re.search(r"--num_processes[ =](\S+)", command).group(1)
+        if processes != "1":
+            assert "--multi_gpu" in command or "--config_file" in command, command
 
 
 def test_readme_documents_every_flag_and_the_newcomer_commands():

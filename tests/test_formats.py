@@ -217,6 +217,27 @@ def test_files_made_elsewhere_lose_the_path_of_their_base_model(tmp_path):
         assert embeddings.load_embedding(str(tmp_path / "x.pt")).base_model == expected, written_name
 
 
+def readme_paragraph(start):
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    return text[text.index(start):].split("\n\n")[0]
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_readme_says_which_files_no_safe_serialization_writes(tmp_path, sdxl):
+    """Every file the run's end writes with --no_safe_serialization and the default --export_formats is named where
+    the README describes the flag (it once said only .bin files were written, but <name>.safetensors is too)."""
+    from textual_inversion_core.cli import EXPORT_FORMATS
+
+    vectors = {"clip_l": random_vectors(2, 32), "clip_g": random_vectors(2, 48)} if sdxl else random_vectors(2)
+    written = embeddings.write_all(str(tmp_path), TOKEN, vectors, 3, "base", "object", export_formats=EXPORT_FORMATS,
+                                   safe_serialization=False)
+    paragraph = readme_paragraph("With `--no_safe_serialization`")
+    embedding_files = [os.path.basename(p) for p in written if not p.endswith(".txt")]
+    assert any(name.endswith(".safetensors") for name in embedding_files)
+    for name in embedding_files:
+        assert f"`{name.replace('cat-toy', '<name>')}`" in paragraph, (name, paragraph)
+
+
 # --------------------------------------------------------------------------------------------------
 # Converter
 
@@ -269,6 +290,37 @@ def test_converter_guesses_format_from_name_and_writes_folders(tmp_path):
         convert.convert(src, src)
     with pytest.raises(UserError, match="without spaces"):
         convert.convert(src, str(tmp_path / "x.pt"), token="two words")
+
+
+@pytest.mark.parametrize("fmt, name, message", [
+    ("kohya", "x.pt", "--format kohya writes safetensors, but OUT 'x.pt' ends in .pt: tools would fail to load it; "
+                      "name it x.safetensors, or drop --format to write what the name says (a1111)"),
+    ("diffusers", "learned_embeds.bin", "name it learned_embeds.safetensors, or drop --format"),
+    ("a1111", "x.safetensors", "--format a1111 writes a torch pickle, but OUT 'x.safetensors' ends in .safetensors"),
+    ("diffusers-bin", "learned_embeds.safetensors", "name it learned_embeds.bin"),
+    ("raw", "tensor", "OUT 'tensor' has no extension: tools would fail to load it; name it tensor.pt"),
+    ("a1111", "out/", "--format a1111 writes one file but OUT 'out' is a folder"),
+])
+def test_converter_refuses_a_name_that_contradicts_the_format(tmp_path, fmt, name, message):
+    """The webui, ComfyUI and InvokeAI choose how to read a file by its extension: safetensors bytes in a .pt (or a
+    pickle in a .safetensors) would fail to load there, so the converter does not write them."""
+    src = embeddings.write_a1111(str(tmp_path / "cat-toy.pt"), TOKEN, random_vectors(2), 3, "base")
+    out = os.path.join(str(tmp_path), name)  # "out/" keeps its slash: a folder
+    with pytest.raises(UserError) as info:
+        convert.convert(src, out, fmt=fmt)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert os.listdir(tmp_path) == ["cat-toy.pt"]
+
+
+def test_converter_writes_each_format_under_each_of_its_names(tmp_path):
+    vectors = random_vectors(2, seed=4)
+    src = embeddings.write_a1111(str(tmp_path / "cat-toy.pt"), TOKEN, vectors, 3, "base")
+    for fmt, names in convert.EXTENSIONS.items():
+        for ext in names:
+            out = str(tmp_path / fmt / f"out{ext}")
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            assert convert.convert(src, out, fmt=fmt)[1] == [out]
+            np.testing.assert_array_equal(embeddings.load_embedding(out).vectors, vectors)
 
 
 def test_converter_command_line(tmp_path):

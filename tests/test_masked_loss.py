@@ -134,6 +134,42 @@ def test_mask_mistakes_are_one_line_errors_naming_the_file(masked_folder, tmp_pa
         build(data, mask_dir=data)
 
 
+def _run_inputs(tmp_path, data, **flags):
+    """The dataset a trainer would build from these command-line flags (parsed and checked, no model)."""
+    from helpers import base_args
+    from textual_inversion_core.cli import parse_args
+    from textual_inversion_core.preflight import load_run_inputs
+
+    argv = base_args(str(tmp_path / "no-model"), data, str(tmp_path / "out"), resolution=64, **flags)
+    return load_run_inputs(parse_args(argv)).dataset
+
+
+def test_masked_loss_with_alpha_mask_is_kohyas_alpha_masked_loss(tmp_path):
+    """kohya documents --masked_loss --alpha_mask together; it is the alpha mask, exactly as --alpha_mask alone."""
+    data = write_cutout(tmp_path / "data")
+    paired = _run_inputs(tmp_path, data, masked_loss=True, alpha_mask=True)
+    alone = _run_inputs(tmp_path, data, alpha_mask=True)
+    assert paired.has_masks and alone.has_masks
+    for flip in (False, True):
+        weights = paired.pixel_mask(0, flip)
+        assert (weights > 0.9).sum() > 50 and (weights < 0.1).sum() > 50  # the cutout, not all ones
+        np.testing.assert_array_equal(weights, alone.pixel_mask(0, flip))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(masked_loss=True, alpha_mask=True, mask_dir="MASKS"), "--mask_dir and --alpha_mask are two sources"),
+    (dict(alpha_mask=True, mask_dir="MASKS"), "--mask_dir and --alpha_mask are two sources"),
+    (dict(masked_loss=True), "--masked_loss needs its masks: --mask_dir DIR"),
+    (dict(mask_dir="MASKS"), "--mask_dir is only read with --masked_loss"),
+])
+def test_contradictory_or_incomplete_mask_flags_are_one_line_errors(masked_folder, tmp_path, flags, message):
+    data, masks = masked_folder
+    flags = {k: (masks if v == "MASKS" else v) for k, v in flags.items()}
+    with pytest.raises(UserError, match=message) as err:
+        _run_inputs(tmp_path, data, **flags)
+    assert "\n" not in str(err.value)
+
+
 def test_a_mask_folder_inside_the_data_folder_is_not_trained_on(masked_folder, tmp_path):
     data, masks = masked_folder
     inside = os.path.join(data, "masks")

@@ -233,6 +233,65 @@ def test_report_to_all_means_the_installed_trackers(monkeypatch):
         select_trackers("comet_ml", supported=("tensorboard", "wandb"), trainer="the Flax trainer")
 
 
+@pytest.fixture
+def never_logged_in(monkeypatch, tmp_path):
+    """A machine that never ran `wandb login`: an empty HOME, no W&B variables, a fresh working folder."""
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_CONFIG_DIR",
+                 "WANDB_DIR", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    return home, work
+
+
+def test_wandb_without_a_login_is_one_line_before_any_model(never_logged_in):
+    for report_to in ("wandb", "all"):
+        with pytest.raises(UserError, match=r"has no login on this machine .*run `wandb login`, set "
+                                            r"WANDB_MODE=offline, or choose another tracker") as info:
+            select_trackers(report_to)
+        assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="--report_to all includes wandb"):
+        select_trackers("all")
+    with pytest.raises(UserError, match=r"\(--report_to tensorboard or none\)"):
+        select_trackers("wandb", supported=("tensorboard", "wandb"), trainer="the Flax trainer")
+
+
+@pytest.mark.parametrize("setup", ["WANDB_MODE=offline", "WANDB_MODE=disabled", "WANDB_API_KEY", "netrc",
+                                   "wandb offline", "global settings api_key", "WANDB_BASE_URL + its netrc entry"])
+def test_wandb_that_can_log_or_is_offline_passes(never_logged_in, monkeypatch, setup):
+    home, work = never_logged_in
+    if setup.startswith("WANDB_MODE="):
+        monkeypatch.setenv("WANDB_MODE", setup.split("=")[1])
+    elif setup == "WANDB_API_KEY":
+        monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    elif setup == "netrc":  # what `wandb login` writes
+        (home / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    elif setup == "wandb offline":  # the command writes mode into the workspace settings
+        (work / "wandb").mkdir()
+        (work / "wandb" / "settings").write_text("[default]\nmode = offline\n")
+    elif setup == "global settings api_key":
+        (home / ".config" / "wandb").mkdir(parents=True)
+        (home / ".config" / "wandb" / "settings").write_text("[default]\napi_key = " + "0" * 40 + "\n")
+    else:
+        monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+        (home / ".netrc").write_text("machine wandb.example.com login user password " + "0" * 40 + "\n")
+    assert select_trackers("wandb") == ["wandb"]
+    assert "wandb" in select_trackers("all")
+
+
+def test_a_netrc_entry_for_another_server_is_no_wandb_login(never_logged_in, monkeypatch):
+    home, _ = never_logged_in
+    (home / ".netrc").write_text("machine github.com login user password x\n")
+    with pytest.raises(UserError, match="no netrc entry for api.wandb.ai"):
+        select_trackers("wandb")
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+    with pytest.raises(UserError, match="no netrc entry for wandb.example.com"):
+        select_trackers("wandb")
+
+
 def test_add_placeholder_tokens_with_the_real_clip_vocabulary(tiny_pipeline):
     from transformers import CLIPTokenizer
 

@@ -7,6 +7,7 @@ import os
 import signal
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from helpers import base_args, read_vectors, run_script
@@ -87,3 +88,118 @@ def test_zero_learning_rate_exports_the_initializer_and_gives_the_signal_handler
     table = load_file(os.path.join(tiny_pipeline, "text_encoder", "model.safetensors"))[
         "text_model.embeddings.token_embedding.weight"]
     assert np.array_equal(read_vectors(os.path.join(out, "learned_embeds.safetensors")), np.stack([table[toy]] * 2))
+
+
+def _initializer_rows(pipeline, word, count):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
+    row = tokenizer.encode(word, add_special_tokens=False)[0]
+    table = load_file(os.path.join(pipeline, "text_encoder", "model.safetensors"))[
+        "text_model.embeddings.token_embedding.weight"]
+    return np.stack([table[row]] * count)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])  # CPU autocast runs both
+def test_mixed_precision_starts_from_the_initializer_itself(tiny_pipeline, train_images, tmp_path, precision):
+    """The trainable vectors are fp32 from the start: --learning_rate 0 with --mixed_precision returns the
+    initializer exactly, not rounded through bf16/fp16 (it was 1.2e-4 off with bf16, 1.4e-5 with fp16)."""
+    out = str(tmp_path / "out")
+    result = run_script(base_args(tiny_pipeline, train_images, out, mixed_precision=precision, learning_rate=0,
+                                  max_train_steps=1, num_vectors=2, export_formats="diffusers"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    learned = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
+    np.testing.assert_array_equal(learned, _initializer_rows(tiny_pipeline, "toy", 2))
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_placeholder_vectors_stay_fp32_in_a_half_text_encoder(tiny_pipeline, dtype_name):
+    """As the trainer prepares it: the text encoder cast to half, then the placeholder embedding inserted. The
+    vectors are the fp32 start vectors, the forward pass runs in half, and the gradient reaches the fp32 vectors."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from torch_backend.model import insert_placeholder_embedding
+
+    dtype = getattr(torch, dtype_name)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
+    tokenizer.add_tokens(["<t>"])
+    text_encoder = CLIPTextModel.from_pretrained(tiny_pipeline, subfolder="text_encoder").to(dtype=dtype).eval()
+    start = _initializer_rows(tiny_pipeline, "toy", 1)
+    embedding = insert_placeholder_embedding(text_encoder, len(tokenizer), [tokenizer.convert_tokens_to_ids("<t>")],
+                                             start)
+    assert embedding.vectors.dtype == torch.float32 and embedding.vectors.requires_grad
+    np.testing.assert_array_equal(embedding.vectors.detach().numpy(), start)
+    assert {p.dtype for name, p in text_encoder.named_parameters() if not name.endswith("vectors")} == {dtype}
+    ids = torch.tensor(tokenizer(["a photo of a <t>"], padding="max_length", max_length=77).input_ids)
+    hidden = text_encoder(ids)[0]
+    assert hidden.dtype == dtype
+    hidden.float().square().mean().backward()
+    assert embedding.vectors.grad.dtype == torch.float32 and embedding.vectors.grad.abs().sum() > 0
+
+
+def test_xformers_flag_switches_the_unet_and_the_validation_pipeline(tiny_pipeline, train_images, tmp_path,
+                                                                      monkeypatch):
+    """On a machine with xformers and CUDA (simulated: the guard sees both) the flag is applied: diffusers'
+    enable_xformers_memory_efficient_attention (a spy here) is called on the UNet and the VAE, and the
+    validation pipeline samples with those same modules."""
+    import importlib.util
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import torch
+    from diffusers import ModelMixin, StableDiffusionPipeline
+    from PIL import Image
+
+    import textual_inversion
+
+    real_find_spec, real_check = importlib.util.find_spec, textual_inversion.check_xformers
+
+    def check_on_a_gpu_machine(args):
+        def find_spec(name, *rest):
+            return mock.sentinel.spec if name == "xformers" else real_find_spec(name, *rest)
+
+        with mock.patch("importlib.util.find_spec", find_spec), mock.patch.object(torch.cuda, "is_available",
+                                                                                 return_value=True):
+            real_check(args)
+
+    enabled, sampled_with = [], []
+
+    def spy(self, attention_op=None):
+        enabled.append(self)
+
+    def call(self, prompt, **kwargs):  # what sampling would use; 25 UNet steps are not needed to see it
+        sampled_with.append((self.unet, self.vae))
+        return SimpleNamespace(images=[Image.new("RGB", (kwargs["width"], kwargs["height"]))])
+
+    monkeypatch.setattr(textual_inversion, "check_xformers", check_on_a_gpu_machine)
+    monkeypatch.setattr(ModelMixin, "enable_xformers_memory_efficient_attention", spy)
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", call)
+    out = str(tmp_path / "out")
+    assert textual_inversion.main(base_args(tiny_pipeline, train_images, out, max_train_steps=1,
+                                            enable_xformers_memory_efficient_attention=True,
+                                            validation_prompt="a photo of <cat-toy>", validation_steps=1,
+                                            num_validation_images=1, export_formats="diffusers")) == 0
+    assert sorted(type(m).__name__ for m in enabled) == ["AutoencoderKL", "UNet2DConditionModel"]
+    assert sampled_with and all(unet is enabled[0] or unet is enabled[1] for unet, _ in sampled_with)
+    assert all(any(vae is m for m in enabled) for _, vae in sampled_with)
+    assert os.listdir(os.path.join(out, "validation")) == ["step-000001-0.png"]
+
+
+def test_xformers_that_does_not_run_is_one_line(tiny_pipeline, monkeypatch):
+    """A broken xformers build (diffusers' own check op fails) ends in one line naming the flag, not a traceback."""
+    from diffusers import ModelMixin
+
+    from textual_inversion_core.errors import UserError
+    from torch_backend import model as tm
+
+    def broken(self, attention_op=None):
+        raise RuntimeError("No operator found for `memory_efficient_attention_forward`\nwith inputs: ...")
+
+    monkeypatch.setattr(ModelMixin, "enable_xformers_memory_efficient_attention", broken)
+    models = tm.Models("sd", [], [], vae=object(), unet=ModelMixin(), noise_scheduler=None)
+    with pytest.raises(UserError) as info:
+        tm.enable_xformers_attention(models)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("--enable_xformers_memory_efficient_attention")
+    assert "No operator found" in message and "drop the flag" in message

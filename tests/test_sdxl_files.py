@@ -250,11 +250,46 @@ def test_converter_takes_one_part_with_dim(tmp_path):
 
 def test_converter_refuses_sdxl_forms_that_do_not_exist(tmp_path):
     source = embeddings.write_sdxl(str(tmp_path / "source.safetensors"), TOKEN, sdxl_vectors(), 1, "base")
-    assert "no SDXL .pt" in one_line_error(convert.convert, source, str(tmp_path / "cat-toy.pt"))
     assert "two" in one_line_error(convert.convert, source, str(tmp_path / "raw.pt"), fmt="raw")
     assert "name OUT learned_embeds.safetensors" in one_line_error(
         convert.convert, source, str(tmp_path / "mine.safetensors"), fmt="diffusers")
     assert not [n for n in os.listdir(tmp_path) if n != "source.safetensors"]
+
+
+def webui_reads_pickled_embedding(path):
+    """What the webui's create_embedding_from_data (v1.10) makes of a .pt it has unpickled, restated: an A1111 file
+    (string_to_param), an SDXL dict (clip_g and clip_l: every value taken as a tensor and cast to fp32), or a one-entry
+    diffusers dict. Returns (vectors, number of vectors, summed width) as the webui computes them."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if "string_to_param" in data:
+        (emb,) = data["string_to_param"].values()
+        return emb.float(), emb.shape[0], emb.shape[-1]
+    if isinstance(data, dict) and "clip_g" in data and "clip_l" in data:
+        vec = {k: v.detach().to(dtype=torch.float32) for k, v in data.items()}  # fails on any non-tensor value
+        return vec, data["clip_g"].shape[0], data["clip_g"].shape[-1] + data["clip_l"].shape[-1]
+    (emb,) = data.values()
+    return emb.float(), emb.shape[0], emb.shape[-1]
+
+
+def test_converter_writes_the_webuis_sdxl_pt(tmp_path):
+    """The webui loads a pickled {clip_l, clip_g} .pt: the converter writes it (name.pt or --format a1111), in the
+    layout the webui's safe loader accepts, with nothing but the two tensors; our readers read it back exactly."""
+    vectors = sdxl_vectors(seed=12)
+    source = embeddings.write_sdxl(str(tmp_path / "source.safetensors"), TOKEN, vectors, 1, "base")
+    for out, fmt in ((str(tmp_path / "cat-toy.pt"), None), (str(tmp_path / "other.bin"), "a1111")):
+        _, written = convert.convert(source, out, fmt=fmt)
+        assert written == [out]
+        seen = check_file(out)
+        assert seen["layout"] == "legacy" and seen["storages"] == 2, seen
+        data = torch.load(out, map_location="cpu", weights_only=True)
+        assert sorted(data) == ["clip_g", "clip_l"] and all(v.dtype == torch.float32 for v in data.values())
+        webui_vectors, count, width = webui_reads_pickled_embedding(out)
+        assert (count, width) == (2, sum(WIDTHS))
+        assert_same_sdxl({k: v.numpy() for k, v in webui_vectors.items()}, vectors)
+        assert embeddings.is_sdxl_embedding(out)
+        assert_same_sdxl(embeddings.load_sdxl_embedding(out, widths=WIDTHS).vectors, vectors)
+    _, written = convert.convert(str(tmp_path / "cat-toy.pt"), str(tmp_path / "back.safetensors"))
+    assert_same_sdxl(load_file(written[0]), vectors)
 
 
 def test_converter_command_line_sdxl(tmp_path):

@@ -117,3 +117,39 @@ def test_every_converter_output_passes_the_webui_checks(tmp_path):
         assert found == sorted(outputs.values() if folder == "single" else ["cat-toy.pt", "learned_embeds.bin"])
         for name in found:
             assert_webui_accepts_and_torch_reads(str(tmp_path / folder / name), vectors)
+
+
+# --------------------------------------------------------------------------------------------------
+# InvokeAI: which of our files its install check accepts (README "Use your embedding")
+
+
+def invokeai_token_width(path):
+    """InvokeAI's install check for a textual inversion file (TextualInversionConfigBase._get_base_or_raise, v6),
+    restated: the width it reads, from which it picks the base model (768 SD-1, 1024 SD-2, 1280 SDXL; else refused).
+    A {token: tensor} file's width is read from the tensor's first dimension."""
+    from safetensors.torch import load_file
+
+    data = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    if "string_to_token" in data:
+        return next(iter(data["string_to_param"].values())).shape[-1]
+    if "emb_params" in data:
+        return data["emb_params"].shape[-1]
+    if "clip_g" in data:
+        return data["clip_g"].shape[-1]
+    return next(iter(data.values())).shape[0]
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_invokeai_takes_the_pt_and_safetensors_files_but_not_learned_embeds(tmp_path, sdxl):
+    vectors = {"clip_l": random_vectors(3, 768), "clip_g": random_vectors(3, 1280)} if sdxl else random_vectors(3, 768)
+    embeddings.write_all(str(tmp_path), TOKEN, vectors, 7, "base", "object", export_formats=("a1111", "kohya"))
+    width = 1280 if sdxl else 768
+    installable = ["cat-toy.safetensors"] + ([] if sdxl else ["cat-toy.pt"])
+    for name in installable:
+        assert invokeai_token_width(str(tmp_path / name)) == width, name
+    for name in ("learned_embeds.safetensors", "learned_embeds.bin"):
+        assert invokeai_token_width(str(tmp_path / name)) == 3, name  # the number of vectors: refused
+    if sdxl:  # the converter's SDXL .pt is taken too
+        os.makedirs(tmp_path / "webui")
+        convert.convert(str(tmp_path / "cat-toy.safetensors"), str(tmp_path / "webui" / "cat-toy.pt"))
+        assert invokeai_token_width(str(tmp_path / "webui" / "cat-toy.pt")) == 1280

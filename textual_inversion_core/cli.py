@@ -95,14 +95,15 @@ def build_parser(prog=None, description=None):
         help="(kohya) Crop each example at a random place (multiples of 8 px) instead of the centre: within the bucket "
              "with --enable_bucket, otherwise a random --resolution square of the image resized to it on its short side.")
     add("--masked_loss", action="store_true",
-        help="(kohya) Weight the loss per latent pixel by a mask image from --mask_dir (white trains, black is left "
-             "out), so the background does not go into the embedding.")
+        help="(kohya) Weight the loss per latent pixel by a mask (white trains, black is left out), so the "
+             "background does not go into the embedding: the mask images of --mask_dir, or with --alpha_mask "
+             "(kohya's pairing) the images' alpha channel.")
     add("--mask_dir", type=str, default=None,
         help="(ours; kohya reads masks from conditioning_data_dir) Folder of the --masked_loss masks: one grayscale "
              "image per training image, same file name (any image extension), same size.")
     add("--alpha_mask", action="store_true",
-        help="(kohya) Weight the loss by each image's alpha channel (transparent: left out); turns on the masked loss. "
-             "The pixels are still composited over white, as without the flag.")
+        help="(kohya) Weight the loss by each image's alpha channel (transparent: left out); turns on the masked loss "
+             "by itself or with --masked_loss. The pixels are still composited over white, as without the flag.")
 
     # Training controls (see README "Training controls"). All off by default: without them the loss, the noise,
     # the timesteps and the vectors are exactly those of diffusers' loop.
@@ -195,7 +196,8 @@ def build_parser(prog=None, description=None):
         help='Resume from "checkpoint-N" (or a path to one) or from "latest".')
 
     add("--enable_xformers_memory_efficient_attention", action="store_true",
-        help="Use xFormers attention (needs xformers and a CUDA GPU); the Flax script uses diffusers' chunked JAX attention.")
+        help="Use xFormers attention in the UNet and VAE (needs xformers and a CUDA GPU); "
+             "the Flax script uses diffusers' chunked JAX attention.")
     add("--no_safe_serialization", action="store_true",
         help="Write learned_embeds only as .bin (torch pickle), not .safetensors.")
     return p
@@ -281,12 +283,14 @@ def check_bucket_and_mask_args(args):
             raise UserError(f"--resolution {args.resolution} is outside the bucket sides --min_bucket_reso {low} to "
                             f"--max_bucket_reso {high}; set them around it (e.g. {max(step, args.resolution // 2 // step * step)}"
                             f" and {args.resolution * 2 // step * step})")
-    if args.masked_loss and args.alpha_mask:
-        raise UserError("--masked_loss takes masks from --mask_dir, --alpha_mask from the images' alpha channel; "
-                        "pass one of them")
-    if args.masked_loss and not args.mask_dir:
-        raise UserError("--masked_loss needs --mask_dir, the folder with one mask image per training image "
-                        "(or pass --alpha_mask to use the images' transparency)")
+    # As kohya: --alpha_mask masks the loss by itself, and --masked_loss --alpha_mask is its documented pairing.
+    # Mask files and alpha are two sources for each image's one mask: kohya silently takes the files then; we ask.
+    if args.mask_dir and args.alpha_mask:
+        raise UserError("--mask_dir and --alpha_mask are two sources for each image's mask; pass one of them "
+                        "(--masked_loss --mask_dir DIR for mask files, --alpha_mask for the images' transparency)")
+    if args.masked_loss and not (args.mask_dir or args.alpha_mask):
+        raise UserError("--masked_loss needs its masks: --mask_dir DIR (one mask image per training image) "
+                        "or --alpha_mask (the images' transparency)")
     if args.mask_dir and not args.masked_loss:
         raise UserError("--mask_dir is only read with --masked_loss; add --masked_loss")
 

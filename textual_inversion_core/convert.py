@@ -4,7 +4,8 @@
 
 IN may be any file the trainers' --init_from accepts. The output format comes from --format or from
 OUT's name: NAME.pt -> A1111, learned_embeds*.safetensors -> diffusers, other .safetensors -> kohya /
-ComfyUI, .bin -> diffusers pickle. OUT may also be a folder: it then gets the diffusers files, the
+ComfyUI, .bin -> diffusers pickle; --format never writes under a name whose extension says another kind of file
+(safetensors formats: .safetensors; pickles: .pt or .bin). OUT may also be a folder: it then gets the diffusers files, the
 token files and the A1111 and kohya files named after the token, as a training run writes them.
 
 Embeddings of several text encoders keep every part: IN may be a one-file embedding (SDXL {clip_l, clip_g};
@@ -42,8 +43,35 @@ def build_parser():
     return p
 
 
+# The names each format's bytes may have: the webui, ComfyUI and InvokeAI pick their reader by the extension
+# (safetensors for .safetensors, torch.load for .pt/.bin), so other bytes under that name fail to load there.
+EXTENSIONS = {"diffusers": (".safetensors",), "kohya": (".safetensors",), "diffusers-bin": (".bin", ".pt"),
+              "a1111": (".pt", ".bin"), "raw": (".pt", ".bin")}
+
+
+def check_extension(path, fmt):
+    """Refuse an OUT whose name says another kind of file than --format writes."""
+    name = os.path.basename(path.rstrip("/" + os.sep))
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise UserError(f"--format {fmt} writes one file but OUT {name!r} is a folder; name a file in it, or pass "
+                        f"--format {FOLDER} for every format")
+    allowed = EXTENSIONS[fmt]
+    stem, ext = os.path.splitext(name)
+    if ext.lower() in allowed:
+        return
+    kind = "safetensors" if allowed == (".safetensors",) else "a torch pickle"
+    guessed = embeddings.guess_format(path)
+    instead = f", or drop --format to write what the name says ({guessed})" if guessed else ""
+    named = f"ends in {ext}" if ext else "has no extension"
+    raise UserError(f"--format {fmt} writes {kind}, but OUT {name!r} {named}: tools would fail to load it; "
+                    f"name it {stem}{allowed[0]}{instead}")
+
+
 def output_format(path, fmt):
+    if fmt == FOLDER:
+        return fmt
     if fmt:
+        check_extension(path, fmt)
         return fmt
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         return FOLDER

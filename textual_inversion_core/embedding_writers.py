@@ -121,6 +121,17 @@ def write_sdxl(path, token, vectors, step, base_model, base_model_hash=None):
     return path
 
 
+def write_sdxl_pt(path, vectors):
+    """The webui's SDXL .pt: a torch pickle (legacy layout, see _pickle_bytes) of exactly {"clip_l", "clip_g"} tensors.
+    The webui's loader takes every value of such a dict as a tensor, so unlike write_a1111's file it holds no name,
+    step or base model (the {clip_l, clip_g} .safetensors keeps those in its metadata)."""
+    torch = _torch()
+    clip_l, clip_g = sdxl_parts(vectors)
+    atomic.write_bytes(path, _pickle_bytes({"clip_l": torch.from_numpy(clip_l.copy()),
+                                            "clip_g": torch.from_numpy(clip_g.copy())}))
+    return path
+
+
 def _single_file_metadata(spec, parts, token, step, base_model, base_model_hash):
     metadata = {"description": SINGLE_FILE_DESCRIPTIONS[spec.name], "family": spec.name,
                 "base_model": model_name_without_path(base_model), "token": token, "num_vectors": str(parts[0][1].shape[0])}
@@ -157,7 +168,9 @@ def write_all(output_dir, token, vectors, step, base_model, learnable_property, 
     base_model: the name to store (see public_model_name); a path is cut to its last part.
 
     Families of several text encoders (SDXL, SD3, Flux.1): the diffusers files (one per trained encoder), and for
-    a1111 and/or kohya the one <stem>.safetensors of write_single_file (the webui has no .pt for them).
+    a1111 and/or kohya the one <stem>.safetensors of write_single_file, which the webui, ComfyUI, kohya and InvokeAI
+    read (an SDXL <stem>.pt beside it would give the webui two embeddings of one name; the converter writes the SDXL
+    .pt on request).
     family: see write_diffusers."""
     spec, parts = named_parts(vectors, family)
     written = write_diffusers(output_dir, token, vectors, safe_serialization=safe_serialization, family=spec)
@@ -201,12 +214,15 @@ def guess_format(path):
 
 def write_parts_embedding(path, fmt, token, vectors, step=0, base_model="", base_model_hash=None, family=None):
     """Vectors of several text encoders (SDXL, SD3, Flux.1) in format fmt: kohya -> the one file of
-    write_single_file; diffusers / diffusers-bin -> path (learned_embeds{suffix}.*) and the files of the other
-    trained encoders beside it (learned_embeds_2, learned_embeds_3). Returns the paths written."""
+    write_single_file; a1111 -> the webui's SDXL .pt (SDXL only); diffusers / diffusers-bin -> path
+    (learned_embeds{suffix}.*) and the files of the other trained encoders beside it (learned_embeds_2,
+    learned_embeds_3). Returns the paths written."""
     spec, parts = named_parts(vectors, family)
     if fmt == "kohya":
         return [write_single_file(path, token, vectors, step or 0, base_model, base_model_hash, family=spec)]
     name = os.path.basename(path)
+    if fmt == "a1111" and spec.name == "sdxl":  # the webui's loader has an SDXL branch for a pickled {clip_l, clip_g}
+        return [write_sdxl_pt(path, dict((encoder.file_key, array) for encoder, array in parts))]
     if fmt == "a1111":
         keys = ", ".join(encoder.file_key for encoder, _ in parts)
         raise UserError(f"the A1111 webui has no {spec.label} .pt; write {os.path.splitext(name)[0]}.safetensors instead "

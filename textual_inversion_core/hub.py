@@ -176,7 +176,7 @@ image = pipe("a photo of {token} on a beach").images[0]
 ## Use in AUTOMATIC1111 webui
 
 {get_file} into the webui's `embeddings/` folder and write `{stem}` in a prompt (the webui takes the trigger word
-from the file name). The webui has no SDXL `.pt` embeddings.
+from the file name); this one file holds the vectors of both text encoders.
 
 ## Use in ComfyUI
 

@@ -20,8 +20,10 @@ class PlaceholderEmbedding(nn.Module):
     def __init__(self, base, placeholder_ids, init_vectors):
         super().__init__()
         self.base = base
-        self.register_buffer("placeholder_ids", torch.tensor(placeholder_ids, dtype=torch.long), persistent=False)
-        self.vectors = nn.Parameter(init_vectors.detach().clone().float())
+        device = base.weight.device
+        self.register_buffer("placeholder_ids", torch.tensor(placeholder_ids, dtype=torch.long, device=device),
+                             persistent=False)
+        self.vectors = nn.Parameter(init_vectors.detach().to(device=device, dtype=torch.float32, copy=True))
 
     @property
     def weight(self):
@@ -97,6 +99,21 @@ def load_models(args):
     return Models(family, tokenizers, text_encoders, vae, unet, noise_scheduler)
 
 
+def enable_xformers_attention(models):
+    """--enable_xformers_memory_efficient_attention: xFormers attention in the UNet, as diffusers' script, and in
+    the VAE. Validation's pipeline is built from these same modules, so it samples with xFormers too; the VAE is
+    switched here, once, rather than by the first validation round, so that posteriors cached before and after it
+    (and those of a resumed run) come from the same attention. textual_inversion.check_xformers has refused a
+    machine without xformers or CUDA before anything loaded; what is left is a broken xformers build."""
+    for module in (models.unet, models.vae):
+        try:
+            module.enable_xformers_memory_efficient_attention()
+        except Exception as err:  # xformers' own check (diffusers runs one small attention op) failed
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise UserError(f"--enable_xformers_memory_efficient_attention: xformers does not run here ({first}); "
+                            "install the xformers build that matches your torch and CUDA, or drop the flag") from err
+
+
 def load_text_encoder(args, folder="text_encoder"):
     """A text encoder of the model (CLIPTextModel, or for SDXL's text_encoder_2 CLIPTextModelWithProjection),
     checked to hold its own weights."""
@@ -133,13 +150,15 @@ def insert_placeholder_embedding(text_encoder, num_tokens, placeholder_ids, star
     """Grow the embedding to num_tokens rows and make the placeholder rows the one trainable tensor.
 
     The new rows of the frozen matrix hold the start vectors too, so a saved text encoder is right
-    even before the learned rows are written in. Returns the PlaceholderEmbedding."""
+    even before the learned rows are written in. Call it after moving the text encoder to its device and
+    dtype: the vectors are created there in fp32 from start_vectors, exactly (a later .to(dtype) of the
+    text encoder would round them). Returns the PlaceholderEmbedding."""
     text_encoder.resize_token_embeddings(num_tokens, mean_resizing=False)  # new rows are overwritten below
     text_encoder.requires_grad_(False)
     base = text_encoder.get_input_embeddings()
     start = torch.as_tensor(np.asarray(start_vectors, np.float32))
     with torch.no_grad():
-        base.weight[placeholder_ids] = start.to(base.weight.dtype)
+        base.weight[placeholder_ids] = start.to(base.weight.device, base.weight.dtype)
     embedding = PlaceholderEmbedding(base, placeholder_ids, start)
     text_encoder.set_input_embeddings(embedding)
     return embedding
