@@ -28,11 +28,12 @@ def embedding_file(output_dir, step):
 class EvalRecord:
     """eval.json of an output folder: read when present, updated step by step, written atomically."""
 
-    def __init__(self, output_dir):
+    def __init__(self, output_dir, fresh=False):
+        """fresh: start a new record even if the folder has one (a new run into an old --output_dir)."""
         self.output_dir = output_dir
         self.path = os.path.join(output_dir, FILE)
         self.data = {"steps": {}}
-        if os.path.isfile(self.path):
+        if os.path.isfile(self.path) and not fresh:
             try:
                 with open(self.path, encoding="utf-8") as f:
                     self.data = json.load(f)
@@ -80,9 +81,10 @@ class Evaluation:
     """What a trainer's loop calls: measure(step, loss_of) at the plan's validation_loss steps, on the main process
     (see validation.ValidationLoss), and finish(step) at the end."""
 
-    def __init__(self, output_dir, validation_loss):
+    def __init__(self, output_dir, validation_loss, resuming):
+        """resuming: the run continues from a checkpoint, and so does its eval.json (a new run starts a new one)."""
         self.loss = validation_loss
-        self.record = EvalRecord(output_dir)
+        self.record = EvalRecord(output_dir, fresh=not resuming)
         self.record.check_validation(validation_loss.describe())
 
     def measure(self, step, loss_of):
@@ -108,4 +110,4 @@ def start(args, inputs, tokenizers, placeholder_id_sets, encode, timestep_range)
     placeholder_strings = [placeholder_string(t, ids) for t, ids in zip(tokenizers, placeholder_id_sets)]
     loss = ValidationLoss(inputs.validation, tokenizers, placeholder_strings, args.initializer_token, encode,
                           timestep_range, args.train_batch_size)
-    return Evaluation(args.output_dir, loss)
+    return Evaluation(args.output_dir, loss, resuming=inputs.resume_state is not None)
