@@ -67,6 +67,7 @@ def main(argv=None, prog="textual_inversion.py"):
 
     from torch_backend import model as tm
     from torch_backend import optimizer as topt
+    from torch_backend import scores
     from torch_backend.pipeline import run_validation, save_full_pipeline
 
     accelerator = Accelerator(
@@ -161,9 +162,12 @@ def main(argv=None, prog="textual_inversion.py"):
         norm_targets = [torch.from_numpy(t).to(device) for t in norm_targets]
     norm_keys = controls.norm_log_keys(len(vector_sets))
     # The loss on held-out images (--validation_split / --validation_data_dir), measured by the main process only.
-    evaluation = eval_record.start(args, inputs, models.tokenizers, [ids for ids, _ in added],
-                                   tm.encode_posteriors(vae, device), control.timestep_range) \
-        if accelerator.is_main_process else None
+    evaluation = None
+    # With --eval_clip_model, also the paper's CLIP scores of every saved step (torch_backend.scores).
+    if accelerator.is_main_process:
+        paper = scores.paper_scorer(args, models, device, accelerator.autocast) if args.eval_clip_model else None
+        evaluation = eval_record.start(args, inputs, models.tokenizers, [ids for ids, _ in added],
+                                       tm.encode_posteriors(vae, device), control.timestep_range, paper)
     held_out_loss = tm.held_out_loss(accelerator, models, weight_dtype, vae.config.scaling_factor, device)
 
     def batch_for(step):  # with buckets the latent shape is the step's bucket's
@@ -216,8 +220,8 @@ def main(argv=None, prog="textual_inversion.py"):
                                                                         args.checkpoints_total_limit))
                 if actions.validate:
                     run_validation(args, accelerator, models, step)
-                if actions.validation_loss:
-                    accelerator.log(evaluation.measure(step, held_out_loss), step=step)
+                if actions.evaluate:  # the held-out loss and/or the CLIP scores (eval.json)
+                    accelerator.log(evaluation.after_step(step, actions, held_out_loss), step=step)
             accelerator.wait_for_everyone()
             if actions.stop:
                 progress.close()

@@ -49,6 +49,11 @@ def check_flags(args):
     if args.local_rank != -1:
         raise UserError(f"--local_rank {args.local_rank} (or LOCAL_RANK) is set by torch launchers; run the Flax trainer "
                         "with plain `python` (JAX finds its devices; for several hosts set JAX_COORDINATOR_ADDRESS)")
+    if args.eval_clip_model:
+        # Sampling with the PyTorch pipeline on this host's CPU would stall a TPU/GPU run for minutes per saved step.
+        raise UserError("--eval_clip_model is for textual_inversion.py; the Flax trainer measures the validation loss "
+                        "in training: score its saved steps afterwards with `python -m textual_inversion_core.evaluate "
+                        "OUTPUT_DIR --eval_clip_model MODEL [--select_best RULE]` in the PyTorch environment")
     return select_trackers(args.report_to, supported=("tensorboard", "wandb"), trainer="the Flax trainer")
 
 
@@ -244,8 +249,8 @@ def main(argv=None):
                 if actions.validate:
                     validator = validator or Validator(args, models, tokenizers, scheduler_config)
                     validator(current_params(), step, tracker)
-                if actions.validation_loss:
-                    tracker.log(evaluation.measure(step, held_out_loss(*device_0_state())), step)
+                if actions.evaluate:  # the held-out loss (eval.json)
+                    tracker.log(evaluation.after_step(step, actions, held_out_loss(*device_0_state())), step)
             if actions.stop:
                 progress.close()
                 logger.warning("stopped by signal at step %d; resume with --resume_from_checkpoint latest", step)

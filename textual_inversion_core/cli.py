@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from . import controls
+from . import best, controls, evaluate
 from .errors import UserError
 from .schedules import LR_SCHEDULERS
 
@@ -201,6 +201,9 @@ def build_parser(prog=None, description=None):
     add("--validate_every_n_steps", type=int, default=None,
         help="(kohya) Also measure the validation loss every N steps (it is always measured at save steps and "
              "the last step).")
+    # The Textual Inversion paper's scores of every saved step, and which step to keep.
+    evaluate.add_scoring_flags(add)
+    best.add_select_flag(add)
     add("--validation_seed", type=int, default=None,
         help="(kohya) Seed of the held-out split and of the validation draws (default: --seed, else 0), so the "
              "loss curve, a resumed run and a run on N processes see the same numbers.")
@@ -279,6 +282,10 @@ def check_args(args):
         raise UserError(f"--validation_epochs must be at least 1, got {args.validation_epochs}")
     check_bucket_and_mask_args(args)
     check_validation_args(args)
+    evaluate.check_scoring_args(args)
+    best.check_select_args(args.select_best, has_scores=bool(args.eval_clip_model),
+                           has_loss=args.validation_split is not None or bool(args.validation_data_dir),
+                           has_steps=bool(args.save_steps))
     controls.check_args(args)
     return args
 

@@ -25,6 +25,14 @@ def embedding_file(output_dir, step):
     return None
 
 
+def final_embedding_file(output_dir):
+    """learned_embeds.safetensors (or .bin): the final step's file."""
+    for name in ("learned_embeds.safetensors", "learned_embeds.bin"):
+        if os.path.isfile(os.path.join(output_dir, name)):
+            return name
+    return None
+
+
 class EvalRecord:
     """eval.json of an output folder: read when present, updated step by step, written atomically."""
 
@@ -78,36 +86,104 @@ class EvalRecord:
 
 
 class Evaluation:
-    """What a trainer's loop calls: measure(step, loss_of) at the plan's validation_loss steps, on the main process
-    (see validation.ValidationLoss), and finish(step) at the end."""
+    """What a trainer's loop (and the evaluate command) calls, on the main process only: after_step(step, actions,
+    loss_of) at the plan's evaluation steps, finish(step) at the end.
 
-    def __init__(self, output_dir, validation_loss, resuming):
-        """resuming: the run continues from a checkpoint, and so does its eval.json (a new run starts a new one)."""
-        self.loss = validation_loss
+    validation_loss: a validation.ValidationLoss (held-out images) or None; paper: an evaluate.PaperScorer (a CLIP
+    model) or None; placeholder_text / initializer_text: what stands for the concept in prompts, and the words that
+    stand in for it in the initializer's reference scores; run_info: the run's settings the evaluate command reads
+    back (eval.json "run")."""
+
+    def __init__(self, output_dir, validation_loss=None, paper=None, resuming=False, placeholder_text=None,
+                 initializer_text=None, run_info=None):
+        self.output_dir, self.loss, self.paper = output_dir, validation_loss, paper
+        self.placeholder_text, self.initializer_text = placeholder_text, initializer_text
+        # A resumed run continues its eval.json; a new run into an old --output_dir starts a new one.
         self.record = EvalRecord(output_dir, fresh=not resuming)
-        self.record.check_validation(validation_loss.describe())
+        if validation_loss is not None:
+            self.record.check_validation(validation_loss.describe())
+        if run_info:
+            self.record.data["run"] = run_info
+
+    def after_step(self, step, actions, loss_of=None):
+        """Measure what the step's actions ask for, write eval.json; returns the values for the trackers (the
+        validation loss under kohya's name loss/validation)."""
+        logged = {}
+        if actions.validation_loss and self.loss is not None:
+            values = self.loss.measure(loss_of)
+            self.record.update(step, values)
+            logged.update({"loss/validation": values["validation_loss"],
+                           "loss/validation_baseline": values["validation_baseline"]})
+        if actions.paper_scores and self.paper is not None:
+            entry = self.score(step)
+            logged.update({"eval/reconstruction": entry["reconstruction"], "eval/editability": entry["editability"]})
+        return logged
 
     def measure(self, step, loss_of):
-        """Measure, write eval.json; returns the values for the trackers (kohya's name loss/validation)."""
-        values = self.loss.measure(loss_of)
-        self.record.update(step, values)
-        return {"loss/validation": values["validation_loss"], "loss/validation_baseline": values["validation_baseline"]}
+        """The validation loss alone (see after_step)."""
+        return self.after_step(step, _LossOnly, loss_of)
 
-    def finish(self, final_step):
-        """eval.json (with the step of learned_embeds.*) and eval.png; returns their paths."""
-        self.record.data["final_step"] = int(final_step)
-        return [self.record.write(), self.record.plot()]
+    def score(self, step):
+        """The paper scores of the current vectors as step `step`, unless eval.json has them already (kept); the
+        initializer's reference scores once. Returns the step's entry."""
+        if "initializer" not in self.record.data and self.initializer_text:
+            self.record.data["initializer"] = self.paper(self.initializer_text)
+        entry = self.record.steps.get(step, {})
+        if "reconstruction" in entry:
+            return entry
+        return self.record.update(step, self.paper(self.placeholder_text), keep=True)
+
+    def finish(self, final_step, choose=None):
+        """eval.json (with the step of learned_embeds.*) and eval.png; with choose(record) (best.py) the best step's
+        files too. Returns the paths written."""
+        if final_step is not None:
+            self.record.data["final_step"] = int(final_step)
+            entry = self.record.data["steps"].get(str(final_step))
+            if entry is not None and not entry.get("embedding"):  # measured at the last step, not a save step
+                entry["embedding"] = final_embedding_file(self.output_dir)
+        written = []
+        if choose is not None:
+            written += choose(self.record)
+        return [self.record.write(), self.record.plot()] + written
 
 
-def start(args, inputs, tokenizers, placeholder_id_sets, encode, timestep_range):
-    """The run's Evaluation, or None without held-out images (--validation_split / --validation_data_dir).
-    tokenizers: the run's, with the placeholder tokens; placeholder_id_sets: their ids in each tokenizer."""
-    if inputs.validation is None:
+class _LossOnly:
+    validation_loss, paper_scores = True, False
+
+
+def run_info(args):
+    """The settings the evaluate command needs to score this run's files again (eval.json "run")."""
+    from .validation import validation_seed
+
+    return {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "train_data_dir": args.train_data_dir,
+            "resolution": args.resolution, "center_crop": args.center_crop, "recursive": args.recursive,
+            "learnable_property": args.learnable_property, "placeholder_token": args.placeholder_token,
+            "initializer_token": args.initializer_token, "seed": validation_seed(args),
+            "eval_num_samples": args.eval_num_samples, "eval_inference_steps": args.eval_inference_steps,
+            "export_formats": list(args.export_formats), "safe_serialization": not args.no_safe_serialization,
+            "revision": args.revision, "variant": args.variant}
+
+
+def wanted(args):
+    """Whether the run evaluates anything: held-out images, a CLIP model or --select_best."""
+    return bool(args.validation_split is not None or args.validation_data_dir or args.eval_clip_model
+                or args.select_best)
+
+
+def start(args, inputs, tokenizers, placeholder_id_sets, encode, timestep_range, paper=None):
+    """The run's Evaluation, or None when nothing is evaluated. tokenizers: the run's, with the placeholder tokens;
+    placeholder_id_sets: their ids in each tokenizer; encode: the trainer's posterior encoder; paper: the
+    PaperScorer (--eval_clip_model, PyTorch) or None."""
+    if not wanted(args):
         return None
     from .tokens import placeholder_string
     from .validation import ValidationLoss
 
     placeholder_strings = [placeholder_string(t, ids) for t, ids in zip(tokenizers, placeholder_id_sets)]
-    loss = ValidationLoss(inputs.validation, tokenizers, placeholder_strings, args.initializer_token, encode,
-                          timestep_range, args.train_batch_size)
-    return Evaluation(args.output_dir, loss, resuming=inputs.resume_state is not None)
+    loss = None
+    if inputs.validation is not None:
+        loss = ValidationLoss(inputs.validation, tokenizers, placeholder_strings, args.initializer_token, encode,
+                              timestep_range, args.train_batch_size)
+    return Evaluation(args.output_dir, loss, paper, resuming=inputs.resume_state is not None,
+                      placeholder_text=placeholder_strings[0], initializer_text=args.initializer_token,
+                      run_info=run_info(args))

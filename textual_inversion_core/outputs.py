@@ -3,7 +3,7 @@
 import json
 import os
 
-from . import atomic, embeddings, families, hub, plots
+from . import atomic, best, embeddings, families, hub, plots
 
 LOSS_CURVE_FILE = "loss.png"
 # Keys in which diffusers/transformers save_pretrained record where a part was loaded from.
@@ -74,8 +74,13 @@ def finish_run(args, learned_vectors, global_step, loss_history, hub_repo_id, sa
                                                                       getattr(args, "revision", None))
     written = write_final_outputs(args, learned_vectors, global_step, loss_history, family=family)
     if evaluation is not None:
-        evaluated = evaluation.finish(global_step)
-        logger.info("validation loss per step: %s", " and ".join(evaluated))
+        choose = None
+        if args.select_best:
+            choose = best.chooser(args.select_best, args.placeholder_token, args.pretrained_model_name_or_path,
+                                  args.export_formats, not args.no_safe_serialization, logger, args.revision,
+                                  args.variant)
+        evaluated = evaluation.finish(global_step, choose)
+        logger.info("scores per step: %s", " and ".join(evaluated[:2]))
         written += evaluated
     if args.save_as_full_pipeline or args.push_to_hub:
         save_full_pipeline()
