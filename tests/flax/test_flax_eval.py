@@ -1,11 +1,14 @@
 """The Flax trainer measures the validation loss as the PyTorch one does (textual_inversion_core.validation):
-eval.json and eval.png written, the same numbers on 2 devices as on 1, kept and measured alike on resume."""
+eval.json and eval.png written, the same numbers on 2 devices as on 1, kept and measured alike on resume,
+--select_best validation_loss; --eval_clip_model is refused, pointing at the scoring command."""
 
 import json
 import os
 import shutil
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from helpers import flax_base_args, run_flax
 
@@ -22,9 +25,17 @@ def steps_of(out):
 @pytest.mark.slow
 def test_flax_validation_loss_on_devices_and_resume(tiny_pipeline, train_images, compile_cache, tmp_path):
     one, two, part = (str(tmp_path / name) for name in ("one", "two", "part"))
-    proc = run_flax(flax_base_args(tiny_pipeline, train_images, one, train_batch_size=2, **SETTINGS), devices=1,
-                    cache=compile_cache)
+    proc = run_flax(flax_base_args(tiny_pipeline, train_images, one, train_batch_size=2, select_best="validation_loss",
+                                   **SETTINGS), devices=1, cache=compile_cache)
     assert "images = 3" in proc.stderr and os.path.join(one, "eval.png") in proc.stderr
+    # --select_best validation_loss: the lowest loss's step, its vectors as the best files in every format
+    record = json.load(open(os.path.join(one, "eval.json")))
+    losses = {int(s): e["validation_loss"] for s, e in record["steps"].items()}
+    chosen = min(losses, key=losses.get)
+    assert record["best"]["step"] == chosen and f"--select_best validation_loss: step {chosen}," in proc.stderr
+    best = load_file(os.path.join(one, "learned_embeds-best.safetensors"))["<cat-toy>"]
+    assert np.array_equal(best, load_file(os.path.join(one, f"learned_embeds-steps-{chosen}.safetensors"))["<cat-toy>"])
+    assert os.path.isfile(os.path.join(one, "cat-toy-best.pt")) and os.path.isfile(os.path.join(one, "cat-toy-best.safetensors"))
     run_flax(flax_base_args(tiny_pipeline, train_images, two, train_batch_size=1, **SETTINGS), devices=2,
              cache=compile_cache)
     single, double = steps_of(one), steps_of(two)
@@ -47,3 +58,13 @@ def test_flax_validation_loss_on_devices_and_resume(tiny_pipeline, train_images,
     assert resumed["2"]["validation_loss"] == 123.0
     assert abs(resumed["4"]["validation_loss"] - single["4"]["validation_loss"]) <= LOSS_TOLERANCE
     assert resumed["4"]["validation_baseline"] == single["4"]["validation_baseline"]
+
+
+def test_flax_refuses_eval_clip_model_and_points_at_the_command(tiny_pipeline, train_images, tmp_path):
+    import textual_inversion_flax as ti_flax
+    from textual_inversion_core.errors import UserError
+
+    clip = str(tmp_path / "clip")  # checked by check_flags before anything reads it
+    with pytest.raises(UserError, match=r"python -m textual_inversion_core.evaluate OUTPUT_DIR --eval_clip_model"):
+        ti_flax.main(flax_base_args(tiny_pipeline, train_images, str(tmp_path / "out"), eval_clip_model=clip))
+
