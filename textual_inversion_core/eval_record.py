@@ -1,9 +1,11 @@
 """eval.json and eval.png: what was measured at each step, kept across resumes, and the plot of it.
 
 Framework-free. eval.json = {"validation": what the loss is measured on, "steps": {"N": {"validation_loss",
-"validation_baseline", "embedding", ...}}, "final_step": the step of learned_embeds.*}. It is rewritten
-atomically after every measurement and read back when a run resumes (or is scored again): steps already in it
-keep what they hold unless measured again (a measurement is deterministic, so it gives the same numbers).
+"validation_baseline", "reconstruction", "editability", "samples", "embedding"}}, "initializer": the initializer's
+words' scores, "run": the settings the evaluate command reads back, "final_step": the step of learned_embeds.*,
+"best": the --select_best pick}. It is rewritten atomically after every measurement and read back when a run
+resumes (or is scored again): the validation loss is measured again at the steps the resumed run reaches (the same
+numbers: the draws are fixed), the CLIP scores of a step already scored are kept.
 """
 
 import json
@@ -119,10 +121,6 @@ class Evaluation:
             logged.update({"eval/reconstruction": entry["reconstruction"], "eval/editability": entry["editability"]})
         return logged
 
-    def measure(self, step, loss_of):
-        """The validation loss alone (see after_step)."""
-        return self.after_step(step, _LossOnly, loss_of)
-
     def score(self, step):
         """The paper scores of the current vectors as step `step`, unless eval.json has them already (kept); the
         initializer's reference scores once. Returns the step's entry."""
@@ -145,10 +143,6 @@ class Evaluation:
         if choose is not None:
             written += choose(self.record)
         return [self.record.write(), self.record.plot()] + written
-
-
-class _LossOnly:
-    validation_loss, paper_scores = True, False
 
 
 def run_info(args):
