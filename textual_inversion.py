@@ -21,7 +21,7 @@ import os
 import sys
 import warnings
 
-from textual_inversion_core import checkpoints, controls, embeddings, hub, outputs, run
+from textual_inversion_core import checkpoints, controls, embeddings, eval_record, hub, outputs, run
 from textual_inversion_core.cli import parse_args, public_config
 from textual_inversion_core.errors import UserError, run_cli
 from textual_inversion_core.preflight import fit_init_vectors, load_run_inputs
@@ -67,6 +67,7 @@ def main(argv=None, prog="textual_inversion.py"):
 
     from torch_backend import model as tm
     from torch_backend import optimizer as topt
+    from torch_backend import scores
     from torch_backend.pipeline import run_validation, save_full_pipeline
 
     accelerator = Accelerator(
@@ -161,6 +162,14 @@ def main(argv=None, prog="textual_inversion.py"):
     if norm_targets is not None:
         norm_targets = [torch.from_numpy(t).to(device) for t in norm_targets]
     norm_keys = controls.norm_log_keys(len(vector_sets))
+    # The loss on held-out images (--validation_split / --validation_data_dir), measured by the main process only.
+    evaluation = None
+    # With --eval_clip_model, also the paper's CLIP scores of every saved step (torch_backend.scores).
+    if accelerator.is_main_process:
+        paper = scores.paper_scorer(args, models, device, accelerator.autocast) if args.eval_clip_model else None
+        evaluation = eval_record.start(args, inputs, models.tokenizers, [ids for ids, _ in added],
+                                       tm.encode_posteriors(vae, device), control.timestep_range, paper)
+    held_out_loss = tm.held_out_loss(accelerator, models, weight_dtype, vae.config.scaling_factor, device)
 
     def batch_for(step):  # with buckets the latent shape is the step's bucket's
         batch = run.host_batch(plan, dataset, latents, seed, step, accelerator.process_index)
@@ -212,6 +221,8 @@ def main(argv=None, prog="textual_inversion.py"):
                                                                         args.checkpoints_total_limit))
                 if actions.validate:
                     run_validation(args, accelerator, models, step)
+                if actions.evaluate:  # the held-out loss and/or the CLIP scores (eval.json)
+                    accelerator.log(evaluation.after_step(step, actions, held_out_loss), step=step)
             accelerator.wait_for_everyone()
             if actions.stop:
                 progress.close()
@@ -226,7 +237,7 @@ def main(argv=None, prog="textual_inversion.py"):
         outputs.finish_run(args, host_vectors(), step, losses.history, hub_repo_id,
                            lambda: save_full_pipeline(args, args.output_dir, models, host_vectors(),
                                                       [ids for ids, _ in added]),
-                           logger)
+                           logger, evaluation=evaluation)
     accelerator.end_training()
     return 0
 

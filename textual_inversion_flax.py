@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from textual_inversion_core import checkpoints, controls, embeddings, hub, outputs, run
+from textual_inversion_core import checkpoints, controls, embeddings, eval_record, hub, outputs, run
 from textual_inversion_core.cli import parse_args
 from textual_inversion_core.errors import UserError, run_cli
 from textual_inversion_core.preflight import fit_init_vectors, load_run_inputs
@@ -49,6 +49,11 @@ def check_flags(args):
     if args.local_rank != -1:
         raise UserError(f"--local_rank {args.local_rank} (or LOCAL_RANK) is set by torch launchers; run the Flax trainer "
                         "with plain `python` (JAX finds its devices; for several hosts set JAX_COORDINATOR_ADDRESS)")
+    if args.eval_clip_model:
+        # Sampling with the PyTorch pipeline on this host's CPU would stall a TPU/GPU run for minutes per saved step.
+        raise UserError("--eval_clip_model is for textual_inversion.py; the Flax trainer measures the validation loss "
+                        "in training: score its saved steps afterwards with `python -m textual_inversion_core.evaluate "
+                        "OUTPUT_DIR --eval_clip_model MODEL [--select_best RULE]` in the PyTorch environment")
     return select_trackers(args.report_to, supported=("tensorboard", "wandb"), trainer="the Flax trainer")
 
 
@@ -168,6 +173,11 @@ def main(argv=None):
                                               jax.sharding.PartitionSpec("batch"))
     p_state, p_frozen = fm.replicate((state, frozen_host), devices, device_split)
     del frozen_host, state
+    # The loss on held-out images (--validation_split / --validation_data_dir), measured by the main host only.
+    evaluation = eval_record.start(args, inputs, tokenizers, [ids for ids, _ in added],
+                                   fm.encode_posteriors(vae, vae_params), control.timestep_range) if is_main else None
+    held_out_loss = fm.make_held_out_loss([models[name] for name in encoder_names], models["unet"], noise_scheduler,
+                                          [ids for ids, _ in added], weight_dtype, float(vae.config.scaling_factor))
 
     def batch_for(step):
         """This host's share of a step, [local devices, accumulation, batch, ...], on the devices."""
@@ -190,6 +200,9 @@ def main(argv=None):
 
     def host_sets():
         return [np.asarray(v[0], np.float32) for v in p_state.vectors]
+
+    def device_0_state():  # the vectors and frozen params of device 0
+        return tuple(v[0] for v in p_state.vectors), jax.tree.map(lambda x: x[0], p_frozen)
 
     def current_params():
         """Params for sampling and saving (device-0 copies), with the learned rows merged in."""
@@ -236,6 +249,8 @@ def main(argv=None):
                 if actions.validate:
                     validator = validator or Validator(args, models, tokenizers, scheduler_config)
                     validator(current_params(), step, tracker)
+                if actions.evaluate:  # the held-out loss (eval.json)
+                    tracker.log(evaluation.after_step(step, actions, held_out_loss(*device_0_state())), step)
             if actions.stop:
                 progress.close()
                 logger.warning("stopped by signal at step %d; resume with --resume_from_checkpoint latest", step)
@@ -252,7 +267,8 @@ def main(argv=None):
                                                     [len(t) for t in tokenizers], [ids for ids, _ in added], learned)
             save_full_pipeline(args, args.output_dir, models, pipeline_params, tokenizers, scheduler_config)
 
-        outputs.finish_run(args, run.output_vectors(learned), step, losses.history, hub_repo_id, save_pipeline, logger)
+        outputs.finish_run(args, run.output_vectors(learned), step, losses.history, hub_repo_id, save_pipeline, logger,
+                           evaluation=evaluation)
     tracker.close()
     return 0
 

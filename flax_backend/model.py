@@ -183,6 +183,36 @@ def draw_example_randomness(key, latent_shape, num_timesteps, min_timestep=0, no
     return eps, noise, timestep
 
 
+def make_held_out_loss(text_encoders, unet, noise_scheduler, placeholder_id_sets, weight_dtype, scaling_factor):
+    """with_state(vectors, frozen) -> loss_of(batch, prompt_ids) -> float for textual_inversion_core.validation:
+    the plain loss (make_denoising_loss without --snr_gamma, no noise offset) of a held-out host batch with these
+    vectors and frozen params (one device's copies). The posterior sample and noise are the example's keyed draws
+    (draw_example_randomness, as in training); the timestep is the batch's fixed one. Jitted once per batch shape."""
+    loss_fn = make_denoising_loss(text_encoders, unet, noise_scheduler, placeholder_id_sets, weight_dtype)
+
+    def batch_loss(vectors, frozen, mean, std, keys, ids, timesteps, time_ids, mask):
+        params = {k: v for k, v in frozen.items() if k != "scheduler"}
+        eps, noise, _ = jax.vmap(lambda k: draw_example_randomness(k, mean.shape[1:], 1))(keys)
+        latents = (mean + std * eps) * scaling_factor
+        id_sets = tuple(ids[:, i] for i in range(ids.shape[1]))
+        return loss_fn(vectors, params, frozen["scheduler"], latents, noise, timesteps, id_sets, time_ids, mask)
+
+    jitted = jax.jit(batch_loss)
+
+    def with_state(vectors, frozen):
+        def loss_of(batch, prompt_ids):
+            ids = np.stack([table[batch["prompt"][0]] for table in prompt_ids], axis=1).astype(np.int32)
+            keys = np.stack([raw_prng_key(s) for s in batch["noise_seed"][0]])
+            time_ids = batch["time_ids"][0].astype(np.float32) if len(prompt_ids) > 1 else None
+            mask = batch["mask"][0] if "mask" in batch else None
+            return float(jitted(vectors, frozen, batch["mean"][0], batch["std"][0], keys, ids,
+                                batch["timestep"][0].astype(np.int32), time_ids, mask))
+
+        return loss_of
+
+    return with_state
+
+
 def make_train_step(loss_fn, optimizer, scaling_factor, num_timesteps, controls=None, norm_targets=None):
     """The pure step train_step(state, frozen, batch) -> (state, loss, norms), to be pmapped over axis "batch";
     norms: the mean L2 norm of each vector set after the step (logged as embedding_norm[_2]).

@@ -188,5 +188,13 @@ def tiny_flux_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A random-weight tiny CLIPModel folder with its processor (--eval_clip_model in tests; built once per session)."""
+    from tools.make_tiny_pipeline import make_tiny_clip
+
+    return make_tiny_clip(str(tmp_path_factory.mktemp("clip") / "tiny-clip"), seed=0)
+
+
+@pytest.fixture(scope="session")
 def train_images(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("data") / "images")

@@ -79,11 +79,13 @@ def layout(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher, accumulation, num_vectors", [("accelerate", 1, 1), ("torchrun", 2, 2)])
-def test_two_processes_equal_one_with_the_same_global_batch(tiny_pipeline, train_images, tmp_path,
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_pipeline, train_images, tiny_clip, tmp_path,
                                                             launcher, accumulation, num_vectors):
     settings = dict(max_train_steps=6, gradient_accumulation_steps=accumulation, num_vectors=num_vectors,
                     checkpointing_steps=3, save_steps=3, report_to="tensorboard", lr_scheduler="cosine",
-                    lr_warmup_steps=2)
+                    lr_warmup_steps=2, validation_split=0.25)  # and the validation loss, measured by rank 0 alone
+    if launcher == "accelerate":  # and the CLIP scores of the saved steps (cheap: 1 sample, 2 sampler steps)
+        settings.update(eval_clip_model=tiny_clip, eval_num_samples=1, eval_inference_steps=2)
     single = str(tmp_path / "single")
     result = run_script(base_args(tiny_pipeline, train_images, single, train_batch_size=2, **settings))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -118,6 +120,17 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_pipeline, train
     print(f"accumulation {accumulation}: max logged-loss difference = {loss_diff:.3g}")
     assert loss_diff <= LOSS_TOLERANCE  # the 1-process loss is the batch mean = the mean over the 2 ranks
     assert scalars(single, "lr") == scalars(double, "lr")
+    # The validation loss: measured once (rank 0), on the same fixed draws, so the same numbers as one process.
+    one_eval, two_eval = (json.load(open(os.path.join(d, "eval.json")))["steps"] for d in (single, double))
+    assert sorted(one_eval) == sorted(two_eval) == ["3", "6"]
+    for step in one_eval:
+        for key in ("validation_loss", "validation_baseline"):
+            assert abs(one_eval[step][key] - two_eval[step][key]) <= LOSS_TOLERANCE, (step, key)
+        if launcher == "accelerate":  # pictures of vectors 1e-7 apart: CLIP cosines (~0.3-0.9) within 1e-5
+            for key in ("reconstruction", "editability"):
+                assert abs(one_eval[step][key] - two_eval[step][key]) <= 1e-5, (step, key)
+            assert one_eval[step]["samples"] == two_eval[step]["samples"] == 5
+    assert [s for s, _ in scalars(single, "loss/validation")] == [s for s, _ in scalars(double, "loss/validation")] == [3, 6]
 
     # Only rank 0 writes: the same files as the single run, and rank 1 made no write-like call there.
     assert layout(double) == layout(single)

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from . import controls
+from . import best, controls, evaluate
 from .errors import UserError
 from .schedules import LR_SCHEDULERS
 
@@ -188,6 +188,27 @@ def build_parser(prog=None, description=None):
              "loss is still logged. Saving, validation and the last step always check it first.")
     add("--local_rank", type=int, default=-1, help="Set by distributed launchers.")
 
+    # Validation loss on held-out images (see README "Which step is the good one?"). Off without
+    # --validation_split or --validation_data_dir; --validation_prompt/--validation_steps keep meaning images.
+    add("--validation_split", type=float, default=None,
+        help="(kohya) Hold out this fraction of --train_data_dir's images (at least one; which ones is fixed by "
+             "--validation_seed) and measure the denoising loss of the token's prompts on them, with fixed noise and "
+             "timesteps, at every --save_steps step, every --validate_every_n_steps steps and the last step; the "
+             "initializer's prompts on the same draws are the baseline. Logged as loss/validation and written to "
+             "eval.json.")
+    add("--validation_data_dir", type=str, default=None,
+        help="(ours; kohya takes a validation folder from its dataset config) Measure the validation loss on the "
+             "images of this folder instead of holding out part of --train_data_dir.")
+    add("--validate_every_n_steps", type=int, default=None,
+        help="(kohya) Also measure the validation loss every N steps (it is always measured at save steps and "
+             "the last step).")
+    # The Textual Inversion paper's scores of every saved step, and which step to keep.
+    evaluate.add_scoring_flags(add)
+    best.add_select_flag(add)
+    add("--validation_seed", type=int, default=None,
+        help="(kohya) Seed of the held-out split and of the validation draws (default: --seed, else 0), so the "
+             "loss curve, a resumed run and a run on N processes see the same numbers.")
+
     # Checkpoints
     add("--checkpointing_steps", type=int, default=500,
         help="Save a resumable checkpoint-N/ every N optimizer steps.")
@@ -262,8 +283,34 @@ def check_args(args):
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise UserError(f"--validation_epochs must be at least 1, got {args.validation_epochs}")
     check_bucket_and_mask_args(args)
+    check_validation_args(args)
+    evaluate.check_scoring_args(args)
+    best.check_select_args(args.select_best, has_scores=bool(args.eval_clip_model),
+                           has_loss=args.validation_split is not None or bool(args.validation_data_dir),
+                           has_steps=bool(args.save_steps))
     controls.check_args(args)
     return args
+
+
+def check_validation_args(args):
+    """--validation_split / --validation_data_dir / --validate_every_n_steps (README "Which step is the good one?")."""
+    split, folder = args.validation_split, args.validation_data_dir
+    if split is not None and folder:
+        raise UserError("--validation_split holds out part of --train_data_dir, --validation_data_dir takes another "
+                        "folder; pass one of them")
+    if split is not None and not 0.0 < split < 1.0:
+        raise UserError(f"--validation_split is the fraction of images held out, between 0 and 1 (e.g. 0.2), got {split}")
+    if folder is not None and not os.path.isdir(folder):
+        raise UserError(f"--validation_data_dir {folder!r} is not a folder; give a folder of images of the concept")
+    if folder and os.path.realpath(folder) == os.path.realpath(args.train_data_dir or ""):
+        raise UserError("--validation_data_dir is --train_data_dir itself: the loss would be measured on training "
+                        "images; use --validation_split to hold some out, or a folder of other images")
+    if args.validate_every_n_steps is not None:
+        if args.validate_every_n_steps < 1:
+            raise UserError(f"--validate_every_n_steps must be at least 1, got {args.validate_every_n_steps}")
+        if split is None and not folder:
+            raise UserError("--validate_every_n_steps measures the loss on held-out images; add --validation_split "
+                            "0.2 (or --validation_data_dir DIR)")
 
 
 def check_bucket_and_mask_args(args):

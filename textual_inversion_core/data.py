@@ -525,7 +525,8 @@ class TextualInversionDataset:
                  repeats=100, flip_p=0.5, center_crop=False, seed=0, num_workers=0, skip_bad_images=False,
                  placeholder_token=None, caption_extension=None, caption_from_filename=False,
                  prompt_template_file=None, recursive=False, exclude_dirs=(), enable_bucket=False, min_bucket_reso=256,
-                 max_bucket_reso=1024, bucket_reso_steps=64, random_crop=False, alpha_mask=False, mask_dir=None):
+                 max_bucket_reso=1024, bucket_reso_steps=64, random_crop=False, alpha_mask=False, mask_dir=None,
+                 image_paths=None):
         self.size = size
         self.flip_p = flip_p
         self.seed = int(seed)
@@ -556,8 +557,11 @@ class TextualInversionDataset:
         if mask_dir and os.path.isdir(mask_dir) and os.path.realpath(mask_dir) == os.path.realpath(data_root):
             raise UserError(f"--mask_dir {mask_dir!r} is --train_data_dir itself; put the masks in a folder of their own "
                             "(same file names as the images)")
-        paths = find_images(data_root, recursive=recursive, caption_extension=caption_extension,
-                            exclude_dirs=list(exclude_dirs) + ([mask_dir] if mask_dir else []))
+        if image_paths is None:
+            paths = find_images(data_root, recursive=recursive, caption_extension=caption_extension,
+                                exclude_dirs=list(exclude_dirs) + ([mask_dir] if mask_dir else []))
+        else:  # already listed (find_images) and split into training and held-out images (validation.py)
+            paths = list(image_paths)
         decoded, self.image_paths = self._decode_all(paths, center_crop, num_workers, skip_bad_images, alpha_mask)
         self._images = [pixels for pixels, _, _, _ in decoded]
         self.original_sizes = [original for _, _, original, _ in decoded]  # (width, height), EXIF rotation applied

@@ -4,6 +4,7 @@ import json
 import os
 
 from . import atomic, families, plots
+from .best import best_note
 from .embeddings import DIFFUSERS_SAFETENSORS, file_stem_for_token, is_local_model, public_model_name
 from .errors import UserError
 
@@ -276,6 +277,9 @@ def write_model_card(output_dir, repo_id, args, images=(), sdxl=False, family=No
                       base_model_on_hub=not is_local_model(model), sdxl=sdxl,
                       safe_serialization=not getattr(args, "no_safe_serialization", False), family=family,
                       trained=trained)
+    note = best_note(output_dir)  # --select_best: which step, by which rule, and why
+    if note:
+        text = text.rstrip("\n") + f"\n\n## Best step\n\n{note}\n"
     path = os.path.join(output_dir, "README.md")
     atomic.write_text(path, text)
     return path

@@ -3,7 +3,7 @@
 import json
 import os
 
-from . import atomic, embeddings, families, hub, plots
+from . import atomic, best, embeddings, families, hub, plots
 
 LOSS_CURVE_FILE = "loss.png"
 # Keys in which diffusers/transformers save_pretrained record where a part was loaded from.
@@ -65,13 +65,23 @@ def replace_local_model_paths(pipeline_dir, model_name_or_path):
     return rewritten
 
 
-def finish_run(args, learned_vectors, global_step, loss_history, hub_repo_id, save_full_pipeline, logger, family=None):
-    """The end of a run on the main process, in the same order for both trainers: the files above, then the full
-    pipeline (save_full_pipeline(), the trainer's own) when asked for or needed by the push, then the Hub push.
-    family: see write_final_outputs."""
+def finish_run(args, learned_vectors, global_step, loss_history, hub_repo_id, save_full_pipeline, logger, family=None,
+               evaluation=None):
+    """The end of a run on the main process, in the same order for both trainers: the files above (and with an
+    evaluation, eval_record.Evaluation, eval.json and eval.png), then the full pipeline (save_full_pipeline(), the
+    trainer's own) when asked for or needed by the push, then the Hub push. family: see write_final_outputs."""
     family = families.get(family) if family else families.family_of(args.pretrained_model_name_or_path,
                                                                       getattr(args, "revision", None))
     written = write_final_outputs(args, learned_vectors, global_step, loss_history, family=family)
+    if evaluation is not None:
+        choose = None
+        if args.select_best:
+            choose = best.chooser(args.select_best, args.placeholder_token, args.pretrained_model_name_or_path,
+                                  args.export_formats, not args.no_safe_serialization, logger, args.revision,
+                                  args.variant)
+        evaluated = evaluation.finish(global_step, choose)
+        logger.info("scores per step: %s", " and ".join(evaluated[:2]))
+        written += evaluated
     if args.save_as_full_pipeline or args.push_to_hub:
         save_full_pipeline()
         replace_local_model_paths(args.output_dir, args.pretrained_model_name_or_path)

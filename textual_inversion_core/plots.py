@@ -1,4 +1,4 @@
-"""Loss-curve and image-grid PNGs drawn with Pillow only (no matplotlib, no torch/jax): both trainers use it."""
+"""Loss-curve, eval and image-grid PNGs drawn with Pillow only (no matplotlib, no torch/jax): both trainers use it."""
 
 import math
 import os
@@ -170,3 +170,87 @@ def write_validation_grid(validation_dir, path, cell=128, max_rows=8):
                 row.append(im.convert("RGB"))
         rows.append(row)
     return _save_png(image_grid(rows, labels=[f"step {s}" for s in steps], cell=cell), path)
+
+
+def _panel(draw, box, xs, ys, title, x_name):
+    """Axes with ticks in box (left, top, right, bottom) for the points' range; returns the point -> pixel map."""
+    font = _font()
+    left, top, right, bottom = box
+    draw.text((left, top - 22), title, fill="black", font=font)
+    draw.rectangle([left, top, right, bottom], outline="black")
+    x_low, x_high, y_low, y_high = min(xs), max(xs), min(ys), max(ys)
+    if x_high == x_low:
+        x_low, x_high = x_low - abs(x_low) * 0.1 - 1e-3, x_high + abs(x_high) * 0.1 + 1e-3
+    if y_high == y_low:
+        y_low, y_high = y_low - abs(y_low) * 0.1 - 1e-3, y_high + abs(y_high) * 0.1 + 1e-3
+    x_pad, y_pad = (x_high - x_low) * 0.08, (y_high - y_low) * 0.08
+    x_low, x_high, y_low, y_high = x_low - x_pad, x_high + x_pad, y_low - y_pad, y_high + y_pad
+
+    def to_pixel(x, y):
+        return (left + (x - x_low) / (x_high - x_low) * (right - left),
+                top + (y_high - y) / (y_high - y_low) * (bottom - top))
+
+    def label(ticks, value):  # as many digits as the tick spacing needs: 1.0846, 1.0848, not 1.08 twice
+        spacing = ticks[1] - ticks[0] if len(ticks) > 1 else 0
+        if not spacing or abs(value) >= 1e4:
+            return _label(value)
+        return f"{value:.{max(0, -math.floor(math.log10(spacing)))}f}"
+
+    y_ticks, x_ticks = _nice_ticks(y_low, y_high), _nice_ticks(x_low, x_high)
+    for tick in y_ticks:
+        _, py = to_pixel(x_low, tick)
+        draw.line([left, py, right, py], fill=(230, 230, 230))
+        draw.text((left - 60, py - 6), label(y_ticks, tick), fill="black", font=font)
+    for tick in x_ticks:
+        px, _ = to_pixel(tick, y_low)
+        draw.line([px, bottom, px, bottom + 4], fill="black")
+        draw.text((px - 10, bottom + 8), label(x_ticks, tick), fill="black", font=font)
+    draw.text(((left + right) // 2 - 3 * len(x_name), bottom + 24), x_name, fill="black", font=font)
+    return to_pixel
+
+
+def eval_plot_image(entries, height=460):
+    """eval.png: the validation loss over steps (blue) with the initializer's baseline (grey), and, when the
+    steps have CLIP scores, reconstruction against editability with every step labelled (the Textual Inversion
+    paper's figure). entries: {step: eval.json entry}."""
+    from PIL import Image, ImageDraw
+
+    loss = [(s, e["validation_loss"]) for s, e in entries.items() if isinstance(e.get("validation_loss"), (int, float))]
+    scored = [(s, e["reconstruction"], e["editability"]) for s, e in entries.items()
+              if isinstance(e.get("reconstruction"), (int, float)) and isinstance(e.get("editability"), (int, float))]
+    panels = [p for p in ("loss" if loss else None, "scores" if scored else None) if p]
+    width = 560 * max(1, len(panels))
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    if not panels:
+        draw.text((20, 20), "nothing measured yet", fill="black", font=_font())
+        return image
+    for n, panel in enumerate(panels):
+        box = (560 * n + 80, 40, 560 * (n + 1) - 20, height - 60)
+        if panel == "loss":
+            baselines = [e["validation_baseline"] for e in entries.values()
+                         if isinstance(e.get("validation_baseline"), (int, float))]
+            ys = [v for _, v in loss] + baselines[:1]
+            to_pixel = _panel(draw, box, [s for s, _ in loss], ys, "validation loss (grey: initializer's words)",
+                              "step")
+            if baselines:
+                _, py = to_pixel(loss[0][0], baselines[0])
+                draw.line([box[0], py, box[2], py], fill=(150, 150, 150), width=1)
+            points = [to_pixel(s, v) for s, v in loss]
+            if len(points) > 1:
+                draw.line(points, fill=(31, 119, 180), width=2)
+            for x, y in points:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
+        else:
+            to_pixel = _panel(draw, box, [r for _, r, _ in scored], [e for _, _, e in scored],
+                              "editability (y) against reconstruction (x), CLIP", "reconstruction")
+            for step, rec, edit in scored:
+                x, y = to_pixel(rec, edit)
+                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(214, 39, 40))
+                draw.text((x + 6, y - 6), str(step), fill="black", font=_font())
+    return image
+
+
+def write_eval_plot(path, entries):
+    """Write eval.png (atomically). Returns path."""
+    return _save_png(eval_plot_image(entries), path)

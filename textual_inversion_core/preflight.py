@@ -6,11 +6,13 @@ import sys
 
 import numpy as np
 
-from . import checkpoints, controls, embeddings, families, run
+from . import checkpoints, controls, embeddings, families, run, validation
 from .data import TextualInversionDataset
 from .errors import UserError
 
-RunInputs = collections.namedtuple("RunInputs", "dataset resume_path resume_tensors resume_state init_vectors")
+# validation: the held-out images' TextualInversionDataset (--validation_split / --validation_data_dir), or None.
+RunInputs = collections.namedtuple("RunInputs", "dataset resume_path resume_tensors resume_state init_vectors validation",
+                                   defaults=(None,))
 
 
 def check_output_dir(path):
@@ -33,6 +35,7 @@ def load_run_inputs(args, optimizer=run.ADAMW):
     if args.min_timestep is not None or args.max_timestep is not None:  # against the model's scheduler, when readable
         controls.check_timestep_range(args.min_timestep, args.max_timestep,
                                       controls.scheduler_timesteps(args.pretrained_model_name_or_path, args.revision))
+    train_paths, held_out = validation.held_out(args)  # the held-out images leave the training set
     dataset = TextualInversionDataset(
         args.train_data_dir, learnable_property=args.learnable_property, size=args.resolution,
         repeats=args.repeats, center_crop=args.center_crop, num_workers=args.dataloader_num_workers,
@@ -41,7 +44,7 @@ def load_run_inputs(args, optimizer=run.ADAMW):
         prompt_template_file=args.prompt_template_file, recursive=args.recursive, exclude_dirs=[args.output_dir],
         enable_bucket=args.enable_bucket, min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso,
         bucket_reso_steps=args.bucket_reso_steps, random_crop=args.random_crop, alpha_mask=args.alpha_mask,
-        mask_dir=args.mask_dir if args.masked_loss else None)
+        mask_dir=args.mask_dir if args.masked_loss else None, image_paths=train_paths)
     if dataset.buckets is not None and int(os.environ.get("RANK", "0")) == 0 \
             and int(os.environ.get("JAX_PROCESS_ID", "0")) == 0:
         # Said at start, before any model loads: which shapes the run trains at, and how many images each has.
@@ -55,7 +58,7 @@ def load_run_inputs(args, optimizer=run.ADAMW):
         run.check_vector_set_count(resume_path, resume_tensors,
                                    len(families.trained_encoders(family, getattr(args, "enable_t5_ti", False))))
     init_vectors = read_init_from(args, family) if args.init_from else None
-    return RunInputs(dataset, resume_path, resume_tensors, resume_state, init_vectors)
+    return RunInputs(dataset, resume_path, resume_tensors, resume_state, init_vectors, held_out)
 
 
 def model_family(name_or_path, revision=None):

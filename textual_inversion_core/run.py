@@ -25,6 +25,12 @@ class StepActions:
     save_checkpoint: bool  # checkpoint-N/
     validate: bool  # sample validation images
     stop: bool  # interrupted by a signal: leave the loop (after the saves above)
+    validation_loss: bool = False  # measure the loss on the held-out images (validation.py), after the saves
+    paper_scores: bool = False  # score the step's vectors with CLIP (evaluate.py)
+
+    @property
+    def evaluate(self):
+        return self.validation_loss or self.paper_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +47,9 @@ class RunPlan:
     checkpointing_steps: int = 0
     validation_steps: int = 0  # 0: no validation
     logging_steps: int = 1
+    validation_loss: bool = False  # held-out images given: measure at save steps, the last step and every
+    validate_every_n_steps: int = 0  # these steps
+    paper_scores: bool = False  # --eval_clip_model: score at save steps and the last step
 
     @property
     def micro_batch(self):
@@ -74,8 +83,11 @@ class RunPlan:
         save_embeddings = every(self.save_steps) or stop
         save_checkpoint = every(self.checkpointing_steps) or stop
         validate = every(self.validation_steps)
-        fetch = every(self.logging_steps) or last or save_embeddings or save_checkpoint or validate or stop
-        return StepActions(fetch, save_embeddings, save_checkpoint, validate, stop)
+        validation_loss = self.validation_loss and (every(self.validate_every_n_steps) or save_embeddings or last)
+        paper_scores = self.paper_scores and (every(self.save_steps) or last)
+        fetch = every(self.logging_steps) or last or save_embeddings or save_checkpoint or validate or stop \
+            or validation_loss or paper_scores
+        return StepActions(fetch, save_embeddings, save_checkpoint, validate, stop, validation_loss, paper_scores)
 
 
 def make_plan(args, num_examples, num_devices):
@@ -93,7 +105,9 @@ def make_plan(args, num_examples, num_devices):
         per_device_batch=args.train_batch_size, num_devices=num_devices, accumulation=accumulation,
         num_examples=num_examples, max_train_steps=args.max_train_steps or args.num_train_epochs * steps_per_epoch,
         learning_rate=learning_rate, save_steps=args.save_steps or 0, checkpointing_steps=args.checkpointing_steps or 0,
-        validation_steps=validation_steps if args.validation_prompt else 0, logging_steps=args.logging_steps)
+        validation_steps=validation_steps if args.validation_prompt else 0, logging_steps=args.logging_steps,
+        validation_loss=args.validation_split is not None or bool(args.validation_data_dir),
+        validate_every_n_steps=args.validate_every_n_steps or 0, paper_scores=bool(args.eval_clip_model))
 
 
 def resolve_seed(flag_seed, resume_state, logger, share=None):

@@ -293,14 +293,49 @@ def save_pipeline_folder(pipe, tokenizer_dir, out_dir, extra_files=None, tokeniz
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def make_tiny_clip(out_dir, seed=0, image_size=32):
+    """A random-weight CLIPModel folder (text and vision towers 32 wide, 16-dim projection, image_size px images) with
+    the real CLIP vocabulary and a CLIPImageProcessor config, loadable by CLIPModel/CLIPProcessor.from_pretrained
+    offline: the stand-in of a CLIP scorer (--eval_clip_model) in tests."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
+                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                  image_size=image_size, patch_size=8)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-clip-", dir=parent)
+    try:
+        with tempfile.TemporaryDirectory() as vocab:
+            write_clip_tokenizer_files(vocab, find_clip_vocab())
+            CLIPTokenizer.from_pretrained(vocab, model_max_length=77).save_pretrained(staging)
+            for name in ("vocab.json", "merges.txt"):  # transformers 4 reads these, 5 writes tokenizer.json only
+                shutil.copy(os.path.join(vocab, name), os.path.join(staging, name))
+        processor.save_pretrained(staging)
+        model.save_pretrained(staging, safe_serialization=True)
+        move_into(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--size", choices=["tiny", "sd15", "tiny-sdxl", "sdxl", *FLOW_SIZES], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "sd15", "tiny-sdxl", "sdxl", *FLOW_SIZES, "tiny-clip"], default="tiny",
+                        help="tiny-clip: a tiny random CLIPModel (the stand-in of --eval_clip_model in tests)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    make_pipeline(args.out_dir, args.size, args.seed)
-    print(f"wrote {args.size} pipeline to {args.out_dir}")
+    if args.size == "tiny-clip":
+        make_tiny_clip(args.out_dir, args.seed)
+    else:
+        make_pipeline(args.out_dir, args.size, args.seed)
+    print(f"wrote {args.size} {'model' if args.size == 'tiny-clip' else 'pipeline'} to {args.out_dir}")
 
 
 if __name__ == "__main__":

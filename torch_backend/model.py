@@ -281,6 +281,21 @@ def device_batch(batch, micro, prompt_ids, timestep_range, scaling_factor, devic
     return latents.to(device), noise.to(device), timesteps.to(device), ids, time_ids, mask
 
 
+def held_out_loss(accelerator, models, weight_dtype, scaling_factor, device):
+    """loss_of(batch, prompt_ids) -> float for textual_inversion_core.validation: the plain loss (batch_loss, no
+    min-SNR weights, no noise offset) of a held-out batch with the current vectors, under the run's autocast. The
+    posterior sample and noise are the example's keyed draws (device_batch); the timestep is the batch's fixed one."""
+
+    def loss_of(batch, prompt_ids):
+        tables = [torch.from_numpy(ids) for ids in prompt_ids]
+        latents, noise, _, ids, time_ids, mask = device_batch(batch, 0, tables, (0, 1), scaling_factor, device)
+        timesteps = torch.from_numpy(batch["timestep"][0]).to(device)
+        with torch.no_grad(), accelerator.autocast():
+            return float(batch_loss(models, (latents, noise, timesteps, ids, time_ids, mask), weight_dtype))
+
+    return loss_of
+
+
 def train_step(accelerator, models, optimizer, vector_sets, micro_batches, lr, weight_dtype, controls=None,
                norm_targets=None):
     """One optimizer step of the vector sets over the micro-batches; returns (mean loss, [mean L2 norm of each
