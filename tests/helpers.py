@@ -7,8 +7,10 @@ numpy and pytest are imported at module level, so this loads in either environme
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -114,6 +116,44 @@ def jax_env(devices=1, cache=None):
 def run_flax(argv, devices=1, cache=None, timeout=600, check=True):
     """run_script for textual_inversion_flax.py on `devices` forced CPU devices; fails unless it exits with 0."""
     return run_script(argv, FLAX_SCRIPT, env=jax_env(devices, cache), timeout=timeout, check=check)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_hosts(commands, envs, log_dir, timeout):
+    """Start one process per host (commands[i] with script_env(envs[i])), logging to log_dir/host{i}.log;
+    returns [(exit code, log text)]. A host still running after `timeout` seconds is killed and fails the test:
+    one host stopping alone leaves the others waiting for it, which must not block CI."""
+    procs, logs = [], [os.path.join(str(log_dir), f"host{i}.log") for i in range(len(commands))]
+    for command, env, log_path in zip(commands, envs, logs):
+        # Logs to files, not pipes: a full pipe would stall one host and with it the others.
+        with open(log_path, "w") as log:
+            procs.append(subprocess.Popen([str(c) for c in command], cwd=REPO, env=script_env(env),
+                                          stdout=subprocess.DEVNULL, stderr=log, start_new_session=True))
+    deadline = time.monotonic() + timeout
+    try:
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+    finally:
+        for proc in procs:  # a launcher's workers are in its session: kill them all
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    results = [(code, open(path, encoding="utf-8", errors="replace").read()) for code, path in zip(codes, logs)]
+    hung = [i for i, (code, _) in enumerate(results) if code is None]
+    assert not hung, f"host(s) {hung} still running after {timeout} s:\n" + "\n".join(
+        f"--- host {i}:\n{text[-2500:]}" for i, (_, text) in enumerate(results))
+    return results
 
 
 def run_torch_python(code, *args, timeout=300):
