@@ -81,7 +81,7 @@ def main(argv=None, prog="textual_inversion.py"):
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
         warnings.filterwarnings("ignore")
-    hub_repo_id = hub.preflight(args) if args.push_to_hub and accelerator.is_main_process else None
+    hub_repo_id = processes.agree(lambda: hub.preflight(args) if args.push_to_hub and processes.is_main else None)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -90,7 +90,7 @@ def main(argv=None, prog="textual_inversion.py"):
     torch.manual_seed(seed)
 
     # ---- Load
-    models = tm.load_models(args)
+    models = processes.agree(lambda: tm.load_models(args))  # a model missing on one machine stops every machine
     run.check_prediction_type(models.noise_scheduler.config.prediction_type)
     if args.enable_xformers_memory_efficient_attention:
         tm.enable_xformers_attention(models)

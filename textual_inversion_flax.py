@@ -84,14 +84,15 @@ def main(argv=None):
     if not is_main:
         logger.setLevel(logging.WARNING)
         warnings.filterwarnings("ignore")
-    hub_repo_id = hub.preflight(args) if args.push_to_hub and is_main else None
+    hub_repo_id = processes.agree(lambda: hub.preflight(args) if args.push_to_hub and is_main else None)
 
     args.seed = seed = dataset.seed = run.resolve_seed(args.seed, inputs.resume_state, logger, processes.share_int)
 
     # ---- Load
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
-    family, tokenizers, noise_scheduler, scheduler_state, scheduler_config, loaded = load_models(args, folder,
-                                                                                                   weight_dtype)
+    # A model missing or damaged on one host stops every host (each loads its own copy).
+    family, tokenizers, noise_scheduler, scheduler_state, scheduler_config, loaded = processes.agree(
+        lambda: load_models(args, folder, weight_dtype))
     models = {name: model for name, (model, _, _) in loaded.items()}
     params = {name: weights for name, (_, weights, _) in loaded.items()}
     del loaded  # one host copy of the weights at a time: SD-sized models are gigabytes

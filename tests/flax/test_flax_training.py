@@ -318,8 +318,10 @@ def run_jax_hosts(argvs, tmp_path, timeout, script=FLAX_SCRIPT):
 
 
 # Cross-process (gloo) sums add in another order than in-process ones. Vectors of size ~1e-2 after 4 steps at
-# lr 5e-3 differed from the 1-process run by at most 1.5e-8 here: 2e-6 is float32 rounding with room.
+# lr 5e-3 differed from the 1-process run by at most 6.6e-8 here: 2e-6 is float32 rounding with room. Resumed,
+# the AdamW moments (down to ~1e-9) are compared against their own size instead.
 HOSTS_TOLERANCE = 2e-6
+HOSTS_RELATIVE_TOLERANCE = 1e-4
 
 
 def test_two_hosts_equal_one_host(runs, tiny_pipeline, train_images, tmp_path):
@@ -353,8 +355,9 @@ def test_two_hosts_resume_from_a_checkpoint_only_process_0_has(runs, tiny_pipeli
     for name in ("learned_embeds.safetensors", "checkpoint-4/training_state.safetensors"):
         got, want = (load_file(os.path.join(d, name)) for d in (outs[0], runs["one_device"]))
         for key in want:
-            print(f"resumed on 2 JAX processes, {name} {key}: max |diff| = {np.abs(got[key] - want[key]).max():.3g}")
-            np.testing.assert_allclose(got[key], want[key], rtol=0, atol=HOSTS_TOLERANCE, err_msg=f"{name} {key}")
+            diff, size = float(np.abs(got[key] - want[key]).max()), float(np.abs(want[key]).max())
+            print(f"resumed on 2 JAX processes, {name} {key}: max |diff| = {diff:.3g} (max |value| {size:.3g})")
+            assert diff <= HOSTS_RELATIVE_TOLERANCE * size, (name, key, diff, size)
 
 
 def test_a_file_missing_on_one_host_stops_every_host_in_one_line(runs, tiny_pipeline, train_images, tmp_path):
