@@ -126,6 +126,24 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def descendants(pid):
+    """Process ids of pid's children, grandchildren, ... (Linux /proc)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def run_hosts(commands, envs, log_dir, timeout):
     """Start one process per host (commands[i] with script_env(envs[i])), logging to log_dir/host{i}.log;
     returns [(exit code, log text)]. A host still running after `timeout` seconds is killed and fails the test:
@@ -135,7 +153,7 @@ def run_hosts(commands, envs, log_dir, timeout):
         # Logs to files, not pipes: a full pipe would stall one host and with it the others.
         with open(log_path, "w") as log:
             procs.append(subprocess.Popen([str(c) for c in command], cwd=REPO, env=script_env(env),
-                                          stdout=subprocess.DEVNULL, stderr=log, start_new_session=True))
+                                          stdout=subprocess.DEVNULL, stderr=log))
     deadline = time.monotonic() + timeout
     try:
         codes = []
@@ -145,9 +163,13 @@ def run_hosts(commands, envs, log_dir, timeout):
             except subprocess.TimeoutExpired:
                 codes.append(None)
     finally:
-        for proc in procs:  # a launcher's workers are in its session: kill them all
+        for proc in procs:  # with the launcher's workers (torch's launcher starts each in a session of its own)
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                for pid in [proc.pid] + descendants(proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 proc.wait()
     results = [(code, open(path, encoding="utf-8", errors="replace").read()) for code, path in zip(codes, logs)]
     hung = [i for i, (code, _) in enumerate(results) if code is None]
