@@ -93,7 +93,7 @@ def test_process_0_s_checkpoint_reaches_a_process_whose_folder_has_none(tiny_pip
     def work(processes):
         args = parse_args(base_args(tiny_pipeline, train_images, outs[processes.index], num_vectors=1,
                                     resume_from_checkpoint="latest"))
-        return load_run_inputs(args, processes)
+        return load_run_inputs(args, processes=processes)
 
     results = on_processes(2, work)
     for inputs in results:
@@ -111,7 +111,7 @@ def test_other_training_data_on_one_host_stops_every_host(tiny_pipeline, train_i
     def work(processes):
         data = train_images if processes.index == 0 else fewer
         return load_run_inputs(parse_args(base_args(tiny_pipeline, data, str(tmp_path / f"out{processes.index}"))),
-                               processes)
+                               processes=processes)
 
     results = on_processes(2, work)
     for err in results:
@@ -124,5 +124,5 @@ def test_only_the_first_process_creates_the_output_folder(tiny_pipeline, train_i
     """The framework's process index decides, not torch's RANK variable (unset on JAX hosts)."""
     out = str(tmp_path / "out")
     processes = Processes(0 if is_main else 1, 2, gather=lambda data: [data, data])
-    load_run_inputs(parse_args(base_args(tiny_pipeline, train_images, out)), processes)
+    load_run_inputs(parse_args(base_args(tiny_pipeline, train_images, out)), processes=processes)
     assert os.path.isdir(out) == is_main
