@@ -61,7 +61,7 @@ def main(argv=None):
 
     hosts.start_jax(args)  # before reading the inputs: with several hosts, a problem on one stops them all
     processes = hosts.processes()
-    # SD3 / Flux.1: textual_inversion.py
+    # SD3 / Flux.1 (no Flax models): one line pointing at textual_inversion.py
     processes.agree(lambda: check_family_has_flax(args.pretrained_model_name_or_path, args.revision))
     inputs = load_run_inputs(args, processes=processes)
     dataset = inputs.dataset
