@@ -49,7 +49,7 @@ def check_xformers(args):
 def main(argv=None, prog="textual_inversion.py"):
     args = parse_args(argv, prog=prog)
 
-    # ---- Checks that need no model: fail in seconds, not after importing torch and loading gigabytes.
+    # ---- Checks that need no model: fail in seconds, not after loading gigabytes.
     check_xformers(args)
     optimizer_name = run.ADAMW_8BIT if args.use_8bit_adam else run.ADAMW
     if args.use_8bit_adam:  # bitsandbytes and CUDA
@@ -57,43 +57,41 @@ def main(argv=None, prog="textual_inversion.py"):
 
         check_8bit_adam()
     trackers = select_trackers(args.report_to)
-    inputs = load_run_inputs(args, optimizer_name)  # a checkpoint of the other optimizer is refused here
-    dataset = inputs.dataset
 
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+    from accelerate.utils import ProjectConfiguration
     from tqdm.auto import tqdm
 
+    from torch_backend import hosts
     from torch_backend import model as tm
     from torch_backend import optimizer as topt
     from torch_backend import scores
     from torch_backend.pipeline import run_validation, save_full_pipeline
 
+    # Before reading the inputs: with several processes, only the first touches the output folder, and a problem
+    # on any stops them all (textual_inversion_core.processes).
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)))
+    processes = hosts.processes(accelerator)
+    inputs = load_run_inputs(args, optimizer_name, processes=processes)  # a checkpoint of the other optimizer is refused here
+    dataset = inputs.dataset
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
         warnings.filterwarnings("ignore")
-    hub_repo_id = hub.preflight(args) if args.push_to_hub and accelerator.is_main_process else None
+    hub_repo_id = processes.agree(lambda: hub.preflight(args) if args.push_to_hub and processes.is_main else None)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    def share(value):  # every process takes the first process's value
-        box = [value]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(box)
-        return box[0]
-
-    args.seed = seed = dataset.seed = run.resolve_seed(args.seed, inputs.resume_state, logger, share)
+    args.seed = seed = dataset.seed = run.resolve_seed(args.seed, inputs.resume_state, logger, processes.share_int)
     torch.manual_seed(seed)
 
     # ---- Load
-    models = tm.load_models(args)
+    models = processes.agree(lambda: tm.load_models(args))  # a model missing on one machine stops every machine
     run.check_prediction_type(models.noise_scheduler.config.prediction_type)
     if args.enable_xformers_memory_efficient_attention:
         tm.enable_xformers_attention(models)

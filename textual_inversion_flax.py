@@ -18,7 +18,6 @@ resumed run the uninterrupted one. The loss stays on the device until it is logg
 """
 
 import logging
-import os
 import sys
 import warnings
 
@@ -57,34 +56,21 @@ def check_flags(args):
     return select_trackers(args.report_to, supported=("tensorboard", "wandb"), trainer="the Flax trainer")
 
 
-def start_jax(args):
-    import jax
-
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        # Several hosts: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID describe the job.
-        # CPU devices need gloo for cross-process collectives (accelerators have their own).
-        jax.config.update("jax_cpu_collectives_implementation",
-                          os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo"))
-        jax.distributed.initialize(
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in os.environ else None,
-            process_id=int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None)
-    if args.allow_tf32:
-        jax.config.update("jax_default_matmul_precision", "tensorfloat32")
-
-
 def main(argv=None):
     args = parse_args(argv, prog="textual_inversion_flax.py")
 
     # ---- Checks that need no model: fail in seconds, not after loading gigabytes.
     trackers = check_flags(args)
+    from flax_backend import hosts
     from flax_backend.weights import check_family_has_flax, resolve_model_folder
 
-    check_family_has_flax(args.pretrained_model_name_or_path, args.revision)  # SD3 / Flux.1: textual_inversion.py
-    inputs = load_run_inputs(args)
+    hosts.start_jax(args)  # before reading the inputs: with several hosts, a problem on one stops them all
+    processes = hosts.processes()
+    # SD3 / Flux.1 (no Flax models): one line pointing at textual_inversion.py
+    processes.agree(lambda: check_family_has_flax(args.pretrained_model_name_or_path, args.revision))
+    inputs = load_run_inputs(args, processes=processes)
     dataset = inputs.dataset
-
-    folder = resolve_model_folder(args)
-    start_jax(args)
+    folder = processes.agree(lambda: resolve_model_folder(args))
 
     import jax
     import jax.numpy as jnp
@@ -96,25 +82,22 @@ def main(argv=None):
     from flax_backend.pipeline import Trackers, Validator, full_precision_params, save_full_pipeline
     from flax_backend.weights import load_models
 
-    process, num_processes = jax.process_index(), jax.process_count()
-    is_main = process == 0
+    process, num_processes, is_main = processes.index, processes.count, processes.is_main
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for noisy in ("diffusers", "transformers", "absl"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not is_main:
         logger.setLevel(logging.WARNING)
         warnings.filterwarnings("ignore")
-    hub_repo_id = hub.preflight(args) if args.push_to_hub and is_main else None
+    hub_repo_id = processes.agree(lambda: hub.preflight(args) if args.push_to_hub and is_main else None)
 
-    def share(value):  # every host takes the first host's value
-        return int(multihost_utils.broadcast_one_to_all(np.int32(value))) if num_processes > 1 else value
-
-    args.seed = seed = dataset.seed = run.resolve_seed(args.seed, inputs.resume_state, logger, share)
+    args.seed = seed = dataset.seed = run.resolve_seed(args.seed, inputs.resume_state, logger, processes.share_int)
 
     # ---- Load
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
-    family, tokenizers, noise_scheduler, scheduler_state, scheduler_config, loaded = load_models(args, folder,
-                                                                                                   weight_dtype)
+    # A model missing or damaged on one host stops every host (each loads its own copy).
+    family, tokenizers, noise_scheduler, scheduler_state, scheduler_config, loaded = processes.agree(
+        lambda: load_models(args, folder, weight_dtype))
     models = {name: model for name, (model, _, _) in loaded.items()}
     params = {name: weights for name, (_, weights, _) in loaded.items()}
     del loaded  # one host copy of the weights at a time: SD-sized models are gigabytes
@@ -218,6 +201,8 @@ def main(argv=None):
     run.log_start(logger, plan, dataset, seed,
                   f"hosts = {num_processes}, devices = {plan.num_devices} (local {len(devices)}), "
                   f"model = {run.describe_encoders(len(encoder_names))}")
+    # Hosts load models at their own pace; the first step's collectives give a late one only 30 s (gloo, CPU).
+    hosts.wait_for_every_process("models loaded")
     progress = tqdm(range(plan.max_train_steps), initial=step, desc="Steps", disable=not is_main)
     losses = run.LossLog()
 
@@ -255,6 +240,7 @@ def main(argv=None):
                 progress.close()
                 logger.warning("stopped by signal at step %d; resume with --resume_from_checkpoint latest", step)
                 tracker.close()
+                hosts.wait_for_every_process("stopped")  # process 0 has written its checkpoint
                 return 130
     progress.close()
 
@@ -270,6 +256,7 @@ def main(argv=None):
         outputs.finish_run(args, run.output_vectors(learned), step, losses.history, hub_repo_id, save_pipeline, logger,
                            evaluation=evaluation)
     tracker.close()
+    hosts.wait_for_every_process("final files written")  # the others wait here, not in jax's shutdown barrier
     return 0
 
 

@@ -7,8 +7,10 @@ numpy and pytest are imported at module level, so this loads in either environme
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -114,6 +116,66 @@ def jax_env(devices=1, cache=None):
 def run_flax(argv, devices=1, cache=None, timeout=600, check=True):
     """run_script for textual_inversion_flax.py on `devices` forced CPU devices; fails unless it exits with 0."""
     return run_script(argv, FLAX_SCRIPT, env=jax_env(devices, cache), timeout=timeout, check=check)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def descendants(pid):
+    """Process ids of pid's children, grandchildren, ... (Linux /proc)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def run_hosts(commands, envs, log_dir, timeout):
+    """Start one process per host (commands[i] with script_env(envs[i])), logging to log_dir/host{i}.log;
+    returns [(exit code, log text)]. A host still running after `timeout` seconds is killed and fails the test:
+    one host stopping alone leaves the others waiting for it, which must not block CI."""
+    procs, logs = [], [os.path.join(str(log_dir), f"host{i}.log") for i in range(len(commands))]
+    for command, env, log_path in zip(commands, envs, logs):
+        # Logs to files, not pipes: a full pipe would stall one host and with it the others.
+        with open(log_path, "w") as log:
+            procs.append(subprocess.Popen([str(c) for c in command], cwd=REPO, env=script_env(env),
+                                          stdout=subprocess.DEVNULL, stderr=log))
+    deadline = time.monotonic() + timeout
+    try:
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+    finally:
+        for proc in procs:  # with the launcher's workers (torch's launcher starts each in a session of its own)
+            if proc.poll() is None:
+                for pid in [proc.pid] + descendants(proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.wait()
+    results = [(code, open(path, encoding="utf-8", errors="replace").read()) for code, path in zip(codes, logs)]
+    hung = [i for i, (code, _) in enumerate(results) if code is None]
+    assert not hung, f"host(s) {hung} still running after {timeout} s:\n" + "\n".join(
+        f"--- host {i}:\n{text[-2500:]}" for i, (_, text) in enumerate(results))
+    return results
 
 
 def run_torch_python(code, *args, timeout=300):

@@ -14,13 +14,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import TORCH_SCRIPT, base_args, run_script, script_env
+from helpers import TORCH_SCRIPT, base_args, free_port, run_hosts, run_script, script_env
 from textual_inversion_core import checkpoints
 
 # Measured on the tiny pipeline: 2-process vs 1-process vectors differ by at most 1.2e-7 (summation
 # order of the gradient all-reduce vs. the batch mean), the logged loss by 1.2e-7 (1 ulp); both limits are 1e-6.
 VECTOR_TOLERANCE = 1e-6
 LOSS_TOLERANCE = 1e-6
+# Resumed on 2 machines, the vectors and AdamW moments differed from 1 process by at most 1.3e-6 of their largest
+# value (all-reduce vs batch-mean rounding; the moments are as small as 2e-8); a wrong resume point differs by the
+# whole value.
+RELATIVE_TOLERANCE = 1e-4
 
 # Runs the trainer as __main__ with an audit hook that records every write-like file operation under
 # the output folder, per rank, into AUDIT_DIR/rank-N.json at exit.
@@ -189,3 +193,35 @@ def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step(tiny_pipeline, tra
     resumed = run_script(base_args(tiny_pipeline, train_images, out, resume_from_checkpoint="latest",
                                    **dict(settings, max_train_steps=step + 1, train_batch_size=2)))
     assert resumed.returncode == 0 and f"at step {step}" in resumed.stderr, resumed.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_machines_resume_from_a_checkpoint_only_machine_0_has(tiny_pipeline, train_images, tmp_path):
+    """accelerate launch --num_machines 2 on localhost (1 process each, gloo, separate output folders: no shared
+    disk). checkpoint-2 is in machine 0's folder only: process 0 decides the resume point and sends the checkpoint,
+    both resume at step 2, and the result equals the uninterrupted 1-process run with the same global batch."""
+    settings = dict(max_train_steps=4, checkpointing_steps=2, report_to="none", lr_scheduler="linear")
+    single = str(tmp_path / "single")
+    result = run_script(base_args(tiny_pipeline, train_images, single, train_batch_size=2, **settings))
+    assert result.returncode == 0, result.stderr[-3000:]
+    outs = [str(tmp_path / f"machine{i}") for i in range(2)]
+    shutil.copytree(os.path.join(single, "checkpoint-2"), os.path.join(outs[0], "checkpoint-2"))
+    port = free_port()
+    commands = [[os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
+                 "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                 "--main_process_port", str(port), "--num_processes", "2", "--mixed_precision", "no",
+                 "--dynamo_backend", "no", TORCH_SCRIPT]
+                + base_args(tiny_pipeline, train_images, outs[rank], train_batch_size=1,
+                            resume_from_checkpoint="latest", **settings) for rank in range(2)]
+    results = run_hosts(commands, [{"ACCELERATE_USE_CPU": "1"}] * 2, tmp_path, timeout=420)
+    for code, stderr in results:
+        assert code == 0, stderr[-5000:]
+    assert "processes = 2" in results[0][1] and "at step 2" in results[0][1]
+    assert not os.path.exists(outs[1])  # only process 0 writes (or creates) anything
+    for name in ("learned_embeds.safetensors", "checkpoint-4/training_state.safetensors"):
+        got, want = (load_file(os.path.join(d, name)) for d in (outs[0], single))
+        for key in want:  # vectors ~1e-2, AdamW moments down to ~1e-9: each compared against its own size
+            diff, size = float(np.abs(got[key] - want[key]).max()), float(np.abs(want[key]).max())
+            print(f"resumed on 2 machines, {name} {key}: max |1-process - 2-machine| = {diff:.3g} (max |value| "
+                  f"{size:.3g})")
+            assert diff <= RELATIVE_TOLERANCE * size, (name, key, diff, size)

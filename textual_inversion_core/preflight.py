@@ -1,22 +1,25 @@
 """Checks and inputs both trainers settle before loading any model: errors arrive in seconds."""
 
 import collections
+import hashlib
 import os
 import sys
+import warnings
 
 import numpy as np
 
 from . import checkpoints, controls, embeddings, families, run, validation
 from .data import TextualInversionDataset
 from .errors import UserError
+from .processes import ONE_PROCESS, decode_checkpoint, encode_checkpoint
 
 # validation: the held-out images' TextualInversionDataset (--validation_split / --validation_data_dir), or None.
 RunInputs = collections.namedtuple("RunInputs", "dataset resume_path resume_tensors resume_state init_vectors validation",
                                    defaults=(None,))
 
 
-def check_output_dir(path):
-    if int(os.environ.get("RANK", "0")) != 0:
+def check_output_dir(path, is_main=True):
+    if not is_main:
         return  # only the first process writes, so only it probes (and creates) the folder
     try:
         os.makedirs(path, exist_ok=True)
@@ -28,28 +31,55 @@ def check_output_dir(path):
         raise UserError(f"--output_dir {path!r} is not writable ({err.strerror}); choose a folder you can write to") from err
 
 
-def load_run_inputs(args, optimizer=run.ADAMW):
+def load_run_inputs(args, optimizer=run.ADAMW, processes=ONE_PROCESS):
     """Decode the images, find the checkpoint to resume and read --init_from, all before any model. optimizer
-    (run.ADAMW or run.ADAMW_8BIT): the trainer's, which the checkpoint's state must belong to."""
-    check_output_dir(args.output_dir)
+    (run.ADAMW or run.ADAMW_8BIT): the trainer's, which the checkpoint's state must belong to.
+
+    With several processes (processes: this one's index and a collective from the trainer's framework), each
+    reads its own inputs and a problem on any stops all of them in one line; the checkpoint is the one process 0
+    finds in its output folder (the only one written to), sent to the others."""
+    inputs = processes.agree(lambda: _read_run_inputs(args, optimizer, processes.is_main))
+    if processes.count > 1:
+        dataset = inputs.dataset
+        names = [os.path.relpath(p, dataset.data_root) for p in dataset.image_paths]
+        processes.check_same("the training data (images, captions, repeats)", [len(dataset), names, dataset.captions],
+                             "give every host the same --train_data_dir contents")
+        if inputs.init_vectors is not None:
+            processes.check_same(f"--init_from {args.init_from!r}",
+                                 [hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+                                  for v in inputs.init_vectors], "copy the same file to every host")
+        if args.resume_from_checkpoint:
+            found = (inputs.resume_path, inputs.resume_tensors, inputs.resume_state) if inputs.resume_path else None
+            found = decode_checkpoint(processes.broadcast(encode_checkpoint(found)))
+            inputs = inputs._replace(**dict(zip(("resume_path", "resume_tensors", "resume_state"),
+                                                found or (None, None, None))))
+    return inputs
+
+
+def _read_run_inputs(args, optimizer, is_main):
+    check_output_dir(args.output_dir, is_main)
     if args.min_timestep is not None or args.max_timestep is not None:  # against the model's scheduler, when readable
         controls.check_timestep_range(args.min_timestep, args.max_timestep,
                                       controls.scheduler_timesteps(args.pretrained_model_name_or_path, args.revision))
     train_paths, held_out = validation.held_out(args)  # the held-out images leave the training set
-    dataset = TextualInversionDataset(
-        args.train_data_dir, learnable_property=args.learnable_property, size=args.resolution,
-        repeats=args.repeats, center_crop=args.center_crop, num_workers=args.dataloader_num_workers,
-        skip_bad_images=args.skip_bad_images, placeholder_token=args.placeholder_token,
-        caption_extension=args.caption_extension, caption_from_filename=args.caption_from_filename,
-        prompt_template_file=args.prompt_template_file, recursive=args.recursive, exclude_dirs=[args.output_dir],
-        enable_bucket=args.enable_bucket, min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso,
-        bucket_reso_steps=args.bucket_reso_steps, random_crop=args.random_crop, alpha_mask=args.alpha_mask,
-        mask_dir=args.mask_dir if args.masked_loss else None, image_paths=train_paths)
-    if dataset.buckets is not None and int(os.environ.get("RANK", "0")) == 0 \
-            and int(os.environ.get("JAX_PROCESS_ID", "0")) == 0:
+    with warnings.catch_warnings():
+        if not is_main:  # every process reads the images; the first one reports on them
+            warnings.simplefilter("ignore")
+        dataset = TextualInversionDataset(
+            args.train_data_dir, learnable_property=args.learnable_property, size=args.resolution,
+            repeats=args.repeats, center_crop=args.center_crop, num_workers=args.dataloader_num_workers,
+            skip_bad_images=args.skip_bad_images, placeholder_token=args.placeholder_token,
+            caption_extension=args.caption_extension, caption_from_filename=args.caption_from_filename,
+            prompt_template_file=args.prompt_template_file, recursive=args.recursive, exclude_dirs=[args.output_dir],
+            enable_bucket=args.enable_bucket, min_bucket_reso=args.min_bucket_reso,
+            max_bucket_reso=args.max_bucket_reso, bucket_reso_steps=args.bucket_reso_steps,
+            random_crop=args.random_crop, alpha_mask=args.alpha_mask, mask_dir=args.mask_dir if args.masked_loss else None,
+            image_paths=train_paths)
+    if dataset.buckets is not None and is_main:
         # Said at start, before any model loads: which shapes the run trains at, and how many images each has.
         print("\n".join(dataset.bucket_summary()), file=sys.stderr, flush=True)
-    resume_path = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    # Only process 0 writes checkpoints, so only its output folder is searched (load_run_inputs shares the result).
+    resume_path = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint) if is_main else None
     resume_tensors, resume_state = checkpoints.load_checkpoint(resume_path) if resume_path else (None, None)
     if resume_state is not None:
         run.check_optimizer(resume_path, resume_state, optimizer)
