@@ -63,10 +63,9 @@ def main(argv=None, prog="textual_inversion.py"):
     from accelerate.utils import ProjectConfiguration
     from tqdm.auto import tqdm
 
-    from torch_backend import hosts
+    from torch_backend import hosts, scores
     from torch_backend import model as tm
     from torch_backend import optimizer as topt
-    from torch_backend import scores
     from torch_backend.pipeline import run_validation, save_full_pipeline
 
     # Before reading the inputs: with several processes, only the first touches the output folder, and a problem
