@@ -174,6 +174,8 @@ def save(model, tokenizer_dir, out_dir, report):
         os.unlink(os.path.join(staging, "tokenizer.json"))
         with open(os.path.join(staging, "training.json"), "w") as f:
             f.write(json.dumps(report, indent=2) + "\n")
+        for name in os.listdir(staging):  # safetensors writes 0600; the asset is for everyone to read
+            os.chmod(os.path.join(staging, name), 0o644)
         move_into(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -285,7 +287,7 @@ def main(argv=None):
     from transformers import CLIPModel, CLIPTokenizer
 
     torch.set_num_threads(args.threads)
-    started = time.time()
+    started, cpu_started, load_start = time.time(), time.process_time(), loadavg()
 
     def log(message):
         print(f"[{time.time() - started:7.1f}s] {message}", flush=True)
@@ -306,6 +308,8 @@ def main(argv=None):
                   "patch_size": 4, "parameters": sum(p.numel() for p in model.parameters()), "weights": "fp16",
                   "threads": args.threads, "cpu": cpu_name(), "torch": torch.__version__,
                   "train_seconds": round(time.time() - started, 1),
+                  "train_cpu_seconds": round(time.process_time() - cpu_started, 1),
+                  "loadavg_start_end": [load_start, loadavg()],
                   "logit_scale": round(float(model.logit_scale.detach().exp()), 2),
                   f"loss_per_{args.log_every}_steps": block_means}
         save(model, tokenizer_dir, args.out_dir, report)
@@ -318,6 +322,15 @@ def main(argv=None):
         with open(tmp, "w") as f:
             f.write(json.dumps(report, indent=2) + "\n")
     log(f"wrote {args.out_dir}: {json.dumps({k: v for k, v in report.items() if 'loss' not in k})}")
+
+
+def loadavg():
+    """The 1-minute load average: wall times mean little on a shared machine without it."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return None
 
 
 def cpu_name():
