@@ -12,10 +12,12 @@ measured at every save on VALIDATION_IMAGES other fresh images of the concept (-
 training images stay five). Every saved step is then:
   - judged: the fraction of 48 samples of "a photo of a <token>" the hand-written judge reads as the concept
     (`tools/shapes.py measure`, the numbers of the learning tests and bench/learning_curves.py);
-  - scored by what the trainer wrote in eval.json: the validation loss (lower is better).
+  - scored by what the trainer wrote in eval.json: the validation loss (lower is better);
+  - scored by `python -m textual_inversion_core.evaluate` with the shapes CLIP (tests/assets/shapes-clip):
+    reconstruction and editability, written into the same eval.json.
 The report gives, per concept, Spearman's rank correlation between each score and the judged rate over the
-saved steps of each run (and over all runs' steps pooled), and how often the step a score would pick is within
-PICK_MARGIN of the best judged step's rate.
+saved steps of each run (and over all runs' steps pooled), and how often the step --select_best's rule picks
+(textual_inversion_core.best.choose, the code behind the flag) is within PICK_MARGIN of the best judged step's rate.
 
 Results merge into bench/step_scoring.json by run; bench/step_scoring.md is redrawn from it. One CPU thread
 per process (--jobs runs side by side).
@@ -44,6 +46,11 @@ WORK = os.path.join(HERE, "pipelines", "step-scoring")  # git-ignored: images, r
 RESULTS_JSON = os.path.join(HERE, "step_scoring.json")
 RESULTS_MD = os.path.join(HERE, "step_scoring.md")
 ASSET = os.path.join(ROOT, "tests", "assets", "shapes-sd")
+CLIP = os.path.join(ROOT, "tests", "assets", "shapes-clip")
+# Pictures per prompt and sampler steps of the CLIP scores: more than the flags' defaults (4, 25), since one
+# reconstruction prompt of 4 pictures is a noisy ranking; 20 steps as the judge's samples.
+EVAL_SAMPLES = 8
+EVAL_STEPS = 20
 TORCH_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 TRAINER = os.path.join(ROOT, "textual_inversion.py")
 CONCEPTS = {"dev": shapes.DEV_CONCEPT, "measured": shapes.MEASURED_CONCEPT}
@@ -57,7 +64,10 @@ VALIDATION_IMAGE_SEED = 7  # the training images use write_concept_images' defau
 # about 5 samples, near the binomial noise of a 48-sample rate at 50 % (+-0.07).
 PICK_MARGIN = 0.1
 # score name -> (eval.json key, True if higher is better)
-SCORES = {"validation loss": ("validation_loss", False)}
+SCORES = {"validation loss": ("validation_loss", False), "reconstruction": ("reconstruction", True),
+          "editability": ("editability", True)}
+# --select_best rule -> the score it is reported under
+RULES = {"validation_loss": "validation loss", "reconstruction": "reconstruction", "balanced": "reconstruction"}
 
 
 def run_name(concept, seed):
@@ -100,8 +110,6 @@ def train_and_measure(concept, seed, max_steps):
             tail = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()][-3:]
         result.update(status="failed", error=" | ".join(tail)[-400:], log=os.path.relpath(log_path, ROOT))
         return result
-    with open(os.path.join(out_dir, "eval.json")) as f:
-        recorded = json.load(f)["steps"]
     print(f"[scoring] {name}: judging {len(files)} saved steps", flush=True)
     started = time.time()
     measured = subprocess.run([TORCH_PYTHON, os.path.join(ROOT, "tools", "shapes.py"), "measure", "--pipeline", ASSET,
@@ -119,9 +127,33 @@ def train_and_measure(concept, seed, max_steps):
         judge_wall_s=round(time.time() - started, 1),
         measured_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         log=os.path.relpath(log_path, ROOT))
+    return score(result, concept, out_dir, data_dir)
+
+
+def score(result, concept, out_dir, data_dir):
+    """Add the CLIP scores (evaluate command; steps already in eval.json keep theirs) and every score of eval.json."""
+    print(f"[scoring] {run_name(concept, result['seed'])}: CLIP scores", flush=True)
+    started = time.time()
+    command = [TORCH_PYTHON, "-m", "textual_inversion_core.evaluate", out_dir, "--eval_clip_model", CLIP,
+               "--pretrained_model_name_or_path", ASSET, "--train_data_dir", data_dir,
+               "--initializer_token", shapes.RECIPE["initializer_token"], "--resolution", str(shapes.RECIPE["resolution"]),
+               "--eval_num_samples", str(EVAL_SAMPLES), "--eval_inference_steps", str(EVAL_STEPS)]
+    proc = subprocess.run(command, cwd=ROOT, env=one_thread_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        result.update(status="failed", error="evaluate: " + proc.stderr.strip()[-400:])
+        return result
+    result["score_wall_s"] = round(time.time() - started, 1)
+    with open(os.path.join(out_dir, "eval.json")) as f:
+        recorded = json.load(f)
+    steps = result["steps"]
     for key, _ in SCORES.values():
-        result[key] = [recorded.get(str(step), {}).get(key) for step in steps]
-    result["validation_baseline"] = recorded.get(str(steps[0]), {}).get("validation_baseline")
+        result[key] = [recorded["steps"].get(str(step), {}).get(key) for step in steps]
+    result["validation_baseline"] = recorded["steps"].get(str(steps[0]), {}).get("validation_baseline")
+    result["initializer_scores"] = recorded.get("initializer")
+    from textual_inversion_core import best
+
+    entries = {int(k): v for k, v in recorded["steps"].items() if int(k) in steps}
+    result["picks"] = {rule: best.choose(entries, rule, recorded.get("initializer"))[0] for rule in RULES}
     return result
 
 
@@ -158,15 +190,15 @@ def oriented(run, score):
     return [v if higher_is_better else -v for v in values]
 
 
-def pick(run, score):
-    """(step picked by the score: its best value, the earliest on ties; judged rate there; best judged rate)."""
-    values = oriented(run, score)
-    index = int(np.argmax(values))
-    return run["steps"][index], run["rate"][index], max(run["rate"])
+def pick(run, rule):
+    """(step --select_best rule picked, judged rate there, best judged rate of the run's saved steps)."""
+    step = run["picks"][rule]
+    return step, run["rate"][run["steps"].index(step)], max(run["rate"])
 
 
 def summary(runs):
-    """{concept: {score: {"per_run": [rho], "pooled": rho, "picks_within_margin": k, "runs": n}}}."""
+    """{concept: {score: {"per_run": [rho], "pooled": rho, "seeds": [...]}, rule: {"picks": [...],
+    "picks_within_margin": k, "runs": n}}}."""
     out = {}
     for concept in CONCEPTS:
         chosen = [r for r in runs.values() if r.get("status") == "ok" and r["concept"] == concept]
@@ -179,10 +211,15 @@ def summary(runs):
                 continue
             per_run = [spearman(oriented(r, score), r["rate"]) for r in usable]
             pooled = spearman([v for r in usable for v in oriented(r, score)], [v for r in usable for v in r["rate"]])
-            picks = [pick(r, score) for r in usable]
-            out[concept][score] = {
-                "per_run": [None if v is None else round(v, 3) for v in per_run],
-                "pooled": None if pooled is None else round(pooled, 3),
+            out[concept][score] = {"per_run": [None if v is None else round(v, 3) for v in per_run],
+                                   "pooled": None if pooled is None else round(pooled, 3),
+                                   "seeds": [r["seed"] for r in usable]}
+        for rule in RULES:
+            usable = [r for r in chosen if rule in r.get("picks", {})]
+            if not usable:
+                continue
+            picks = [pick(r, rule) for r in usable]
+            out[concept]["--select_best " + rule] = {
                 "picks": [{"seed": r["seed"], "step": s, "rate": rate, "best_rate": best}
                           for r, (s, rate, best) in zip(usable, picks)],
                 "picks_within_margin": sum(best - rate <= PICK_MARGIN + 1e-9 for _, rate, best in picks),
@@ -205,14 +242,24 @@ def write_markdown(data):
            f"judged rate is the fraction of {shapes.GENERATED} samples of \"a photo of a {TOKEN}\" the judge "
            "(`tools/shapes.py`) reads as the concept.", "",
            f"Spearman's rank correlation between each score (signed so that higher is better) and the judged rate "
-           f"over a run's saved steps, each seed's, then over all seeds' steps pooled; a pick is the step with the "
-           f"best score, counted good when its judged rate is within {PICK_MARGIN} of the run's best saved step's.",
-           "", "| concept | score | Spearman per seed | pooled | picks within margin |", "|---|---|---|---:|---:|"]
+           f"over a run's saved steps, each seed's, then over all seeds' steps pooled. CLIP scores: "
+           f"`python -m textual_inversion_core.evaluate` with `tests/assets/shapes-clip`, {EVAL_SAMPLES} pictures per "
+           f"prompt, {EVAL_STEPS} sampler steps.", "",
+           "| concept | score | Spearman per seed | pooled |", "|---|---|---|---:|"]
     for concept, scores in stats.items():
         for score, s in scores.items():
-            per_run = ", ".join(f"{fmt(v)} (seed {p['seed']})" for v, p in zip(s["per_run"], s["picks"]))
-            out.append(f"| {' '.join(CONCEPTS[concept])} | {score} | {per_run} | {fmt(s['pooled'])} | "
-                       f"{s['picks_within_margin']}/{s['runs']} |")
+            if "per_run" in s:
+                per_run = ", ".join(f"{fmt(v)} (seed {seed})" for v, seed in zip(s["per_run"], s["seeds"]))
+                out.append(f"| {' '.join(CONCEPTS[concept])} | {score} | {per_run} | {fmt(s['pooled'])} |")
+    out += ["", f"The step `--select_best` picks (its rule over eval.json, `textual_inversion_core/best.py`), its judged "
+            f"rate and the best saved step's; a pick is good when it is at most {PICK_MARGIN} below the best:", "",
+            "| concept | rule | picks: step (rate / best rate) per seed | good picks |", "|---|---|---|---:|"]
+    for concept, scores in stats.items():
+        for rule, s in scores.items():
+            if "picks" in s:
+                picks = ", ".join(f"{p['step']} ({p['rate']:.2f} / {p['best_rate']:.2f}, seed {p['seed']})"
+                                  for p in s["picks"])
+                out.append(f"| {' '.join(CONCEPTS[concept])} | `{rule}` | {picks} | {s['picks_within_margin']}/{s['runs']} |")
     for name, run in sorted(runs.items()):
         if run.get("status") != "ok":
             out += ["", f"**{name}**: {run.get('status')}: {run.get('error')}"]
@@ -221,9 +268,9 @@ def write_markdown(data):
                 f"{run['rate_initializer']:.2f}; validation baseline {run.get('validation_baseline')})", "",
                 "| step | " + " | ".join(map(str, run["steps"])) + " |", "|---|" + "---:|" * len(run["steps"]),
                 "| judged rate | " + " | ".join(f"{v:.2f}" for v in run["rate"]) + " |"]
-        for score, (key, _) in SCORES.items():
-            if run.get(key):
-                out.append(f"| {score} | " + " | ".join("–" if v is None else f"{v:.5f}" for v in run[key]) + " |")
+        for score_name, (key, _) in SCORES.items():
+            if run.get(key) and all(v is not None for v in run[key]):
+                out.append(f"| {score_name} | " + " | ".join(f"{v:.5f}" for v in run[key]) + " |")
     with atomic_path(RESULTS_MD) as tmp:
         with open(tmp, "w") as f:
             f.write("\n".join(out) + "\n")
@@ -236,6 +283,8 @@ def main(argv=None):
     parser.add_argument("--max_steps", type=int, default=MAX_STEPS)
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one CPU thread each")
     parser.add_argument("--report", action="store_true", help="only redraw the report")
+    parser.add_argument("--score_only", action="store_true",
+                        help="only (re)score runs already trained and judged (CLIP scores, eval.json's numbers)")
     args = parser.parse_args(argv)
 
     data = {"runs": {}}
@@ -247,7 +296,15 @@ def main(argv=None):
 
         def one(concept_seed):
             concept, seed = concept_seed
-            result = train_and_measure(concept, seed, args.max_steps)
+            name = run_name(concept, seed)
+            if args.score_only:
+                if data["runs"].get(name, {}).get("status") != "ok":
+                    return
+                run = data["runs"][name]
+                out_dir = os.path.join(WORK, "runs", name.replace("/", "-"))
+                result = score(dict(run), concept, out_dir, os.path.join(WORK, "images", concept))
+            else:
+                result = train_and_measure(concept, seed, args.max_steps)
             with lock:
                 data["runs"][run_name(concept, seed)] = result
                 print(f"[scoring] {run_name(concept, seed)}: {result['status']} {result.get('rate', result.get('error'))}",
