@@ -68,6 +68,7 @@ SCORES = {"validation loss": ("validation_loss", False), "reconstruction": ("rec
           "editability": ("editability", True)}
 # --select_best rule -> the score it is reported under
 RULES = {"validation_loss": "validation loss", "reconstruction": "reconstruction", "balanced": "reconstruction"}
+LAST = "last"  # no selection: the final step, the baseline a rule has to beat
 
 
 def run_name(concept, seed):
@@ -192,7 +193,7 @@ def oriented(run, score):
 
 def pick(run, rule):
     """(step --select_best rule picked, judged rate there, best judged rate of the run's saved steps)."""
-    step = run["picks"][rule]
+    step = run["steps"][-1] if rule == LAST else run["picks"][rule]
     return step, run["rate"][run["steps"].index(step)], max(run["rate"])
 
 
@@ -214,12 +215,12 @@ def summary(runs):
             out[concept][score] = {"per_run": [None if v is None else round(v, 3) for v in per_run],
                                    "pooled": None if pooled is None else round(pooled, 3),
                                    "seeds": [r["seed"] for r in usable]}
-        for rule in RULES:
-            usable = [r for r in chosen if rule in r.get("picks", {})]
+        for rule in list(RULES) + [LAST]:
+            usable = [r for r in chosen if rule == LAST or rule in r.get("picks", {})]
             if not usable:
                 continue
             picks = [pick(r, rule) for r in usable]
-            out[concept]["--select_best " + rule] = {
+            out[concept][f"--select_best {rule}" if rule != LAST else "no selection: the last step"] = {
                 "picks": [{"seed": r["seed"], "step": s, "rate": rate, "best_rate": best}
                           for r, (s, rate, best) in zip(usable, picks)],
                 "picks_within_margin": sum(best - rate <= PICK_MARGIN + 1e-9 for _, rate, best in picks),
@@ -252,7 +253,8 @@ def write_markdown(data):
                 per_run = ", ".join(f"{fmt(v)} (seed {seed})" for v, seed in zip(s["per_run"], s["seeds"]))
                 out.append(f"| {' '.join(CONCEPTS[concept])} | {score} | {per_run} | {fmt(s['pooled'])} |")
     out += ["", f"The step `--select_best` picks (its rule over eval.json, `textual_inversion_core/best.py`), its judged "
-            f"rate and the best saved step's; a pick is good when it is at most {PICK_MARGIN} below the best:", "",
+            f"rate and the best saved step's; a pick is good when it is at most {PICK_MARGIN} below the best (the last "
+            "row: keeping the final step, the baseline a rule has to beat):", "",
             "| concept | rule | picks: step (rate / best rate) per seed | good picks |", "|---|---|---|---:|"]
     for concept, scores in stats.items():
         for rule, s in scores.items():
