@@ -21,7 +21,7 @@ import os
 import sys
 import warnings
 
-from textual_inversion_core import checkpoints, controls, embeddings, eval_record, hub, outputs, run
+from textual_inversion_core import checkpoints, controls, embeddings, eval_record, families, hub, outputs, run
 from textual_inversion_core.cli import parse_args, public_config
 from textual_inversion_core.errors import UserError, run_cli
 from textual_inversion_core.preflight import fit_init_vectors, load_run_inputs
@@ -46,11 +46,22 @@ def check_xformers(args):
                         "drop the flag on this machine (PyTorch SDPA attention is used by default)")
 
 
+def check_family_trains(args):
+    """SD3/SD3.5 and Flux.1 embedding files are written, converted and loaded (families.py, pipeline_loading), but
+    this trainer has no flow-matching loss yet: say so in one line instead of failing inside the UNet loader."""
+    spec = families.family_of(args.pretrained_model_name_or_path, args.revision)
+    if spec is not None and spec.flow_matching:
+        raise UserError(f"--pretrained_model_name_or_path {str(args.pretrained_model_name_or_path)!r} is a {spec.label} "
+                        f"pipeline ({spec.pipeline_class}); this release trains SD-1.x/2.x and SDXL only: choose one of "
+                        "those (SD3/Flux.1 files can be converted and loaded with load_embedding_into_pipeline)")
+
+
 def main(argv=None, prog="textual_inversion.py"):
     args = parse_args(argv, prog=prog)
 
     # ---- Checks that need no model: fail in seconds, not after loading gigabytes.
     check_xformers(args)
+    check_family_trains(args)
     optimizer_name = run.ADAMW_8BIT if args.use_8bit_adam else run.ADAMW
     if args.use_8bit_adam:  # bitsandbytes and CUDA
         from torch_backend.optimizer import check_8bit_adam

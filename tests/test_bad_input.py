@@ -563,3 +563,15 @@ def test_output_dir_not_writable(tiny_pipeline, train_images, tmp_path, capsys):
         if out.is_dir():
             _make_writable(out)
     assert files_under(out) == set()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_family_is_refused_before_any_model_loads(family, tiny_sd3_pipeline, tiny_flux_pipeline, train_images,
+                                                       tmp_path, capsys):
+    """This release writes and loads SD3/Flux.1 files but trains SD-1.x/2.x and SDXL only: one line, no traceback
+    from the UNet loader, nothing written."""
+    pipeline = tiny_sd3_pipeline if family == "sd3" else tiny_flux_pipeline
+    out = tmp_path / "out"
+    line = refusal(bad_args(pipeline, train_images, str(out)), capsys, "trains SD-1.x/2.x and SDXL only")
+    assert ("StableDiffusion3Pipeline" if family == "sd3" else "FluxPipeline") in line
+    assert not out.exists()
