@@ -21,11 +21,12 @@ BALANCED_MARGIN = 0.10  # editability may fall at most 10 % below the initialize
 
 
 def add_select_flag(add):
+    # argparse formats help strings with %, so a literal percent sign is written %%.
     add("--select_best", type=str, default=None, choices=RULES,
         help="(ours) Write the best saved step's embedding as learned_embeds-best.* and <name>-best.* (every "
              "--export_formats format), by the lowest validation loss (needs --validation_split or "
              "--validation_data_dir), the highest reconstruction or editability, or balanced: the highest "
-             f"reconstruction among steps whose editability is within {BALANCED_MARGIN:.0%} of the initializer's "
+             f"reconstruction among steps whose editability is within {BALANCED_MARGIN * 100:.0f} %% of the initializer's "
              "(these three need --eval_clip_model). The step and the reason go to the log, eval.json and the model card.")
 
 
