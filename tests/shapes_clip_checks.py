@@ -31,6 +31,19 @@ def training_record():
         return json.load(f)
 
 
+def load_asset_one_thread():
+    """load_asset for a module fixture (`yield from`): torch runs on one thread while the module's tests use the
+    model, and gets its thread count back after them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield load_asset()
+    finally:
+        torch.set_num_threads(before)
+
+
 def load_asset(folder=ASSET):
     """(model, processor), raising if any weight is missing, unexpected or mismatched (tools.train_shapes_clip.load)."""
     from tools import train_shapes_clip

@@ -9,19 +9,12 @@ import shutil
 import numpy as np
 import pytest
 
-from shapes_clip_checks import ASSET, assert_zero_shot_holds, load_asset, training_record
+from shapes_clip_checks import ASSET, assert_zero_shot_holds, load_asset, load_asset_one_thread, training_record
 
 
 @pytest.fixture(scope="module")
 def loaded():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield load_asset()
-    finally:
-        torch.set_num_threads(before)
+    yield from load_asset_one_thread()
 
 
 def test_every_saved_weight_loads_and_every_model_weight_is_saved(loaded):

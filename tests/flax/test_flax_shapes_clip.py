@@ -3,19 +3,12 @@ shapes (tests/test_shapes_clip.py checks transformers 5)."""
 
 import pytest
 
-from shapes_clip_checks import assert_zero_shot_holds, load_asset
+from shapes_clip_checks import assert_zero_shot_holds, load_asset_one_thread
 
 
 @pytest.fixture(scope="module")
 def loaded():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield load_asset()
-    finally:
-        torch.set_num_threads(before)
+    yield from load_asset_one_thread()
 
 
 def test_every_weight_loads_in_transformers_4(loaded):
