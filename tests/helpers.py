@@ -187,6 +187,17 @@ def run_torch_python(code, *args, timeout=300):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def one_line_error(call, *args, **kwargs):
+    """The message of the UserError call(*args, **kwargs) raises, checked to be one non-empty line."""
+    from textual_inversion_core.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert message and "\n" not in message, message
+    return message
+
+
 def read_vectors(path, token=PLACEHOLDER):
     """The learned vectors (numpy) of an embedding file, which must hold `token` and nothing else."""
     from safetensors.numpy import load_file

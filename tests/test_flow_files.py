@@ -12,8 +12,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from helpers import one_line_error
 from textual_inversion_core import convert, embeddings, families, preflight
-from textual_inversion_core.errors import UserError
 from tools.tiny_flow_pipelines import FLUX_WIDTHS, SD3_WIDTHS
 
 TOKEN = "<cat-toy>"
@@ -30,14 +30,6 @@ def assert_same(got, expected):
     assert list(got) == list(expected)
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
-
-
-def one_line_error(call, *args, **kwargs):
-    with pytest.raises(UserError) as info:
-        call(*args, **kwargs)
-    message = str(info.value)
-    assert message and "\n" not in message, message
-    return message
 
 
 def metadata_of(path):

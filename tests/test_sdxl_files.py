@@ -16,9 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from helpers import REPO
+from helpers import REPO, one_line_error
 from textual_inversion_core import convert, embeddings, hub, outputs
-from textual_inversion_core.errors import UserError
 from webui_safe_loader import check_file
 
 TOKEN = "<cat-toy>"
@@ -35,14 +34,6 @@ def assert_same_sdxl(got, expected):
     assert sorted(got) == ["clip_g", "clip_l"]
     for name in ("clip_l", "clip_g"):
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-
-
-def one_line_error(call, *args, **kwargs):
-    with pytest.raises(UserError) as info:
-        call(*args, **kwargs)
-    message = str(info.value)
-    assert message and "\n" not in message, message
-    return message
 
 
 def run_args(output_dir, model, export_formats=("a1111", "kohya"), no_safe_serialization=False):
