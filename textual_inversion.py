@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Textual Inversion for Stable Diffusion with PyTorch and Accelerate.
+"""Textual Inversion for Stable Diffusion (SD-1.x/2.x, SDXL, SD3/SD3.5, Flux.1) with PyTorch and Accelerate.
 
     accelerate launch textual_inversion.py --pretrained_model_name_or_path=MODEL \
         --train_data_dir=DIR --placeholder_token="<cat-toy>" --initializer_token="toy" ...
@@ -9,10 +9,12 @@ trainable; everything else is frozen. VAE posteriors are cached per (image, flip
 encoder runs once per image instead of once per step. All randomness of an example (image order,
 flip, template, posterior sample, noise, timestep) is keyed by its global index, which makes
 resuming exact and a run on N processes equal to one process with the same global batch.
-An SDXL pipeline (a second text encoder, text_encoder_2) is recognised from its folder: both
-tokenizers get the placeholder tokens and each text encoder its own trainable vectors.
-The step arithmetic, checkpoints and the loop's bookkeeping are textual_inversion_core.run, shared
-with textual_inversion_flax.py; the PyTorch parts are in torch_backend/.
+The model family (SD-1.x/2.x, SDXL, SD3/SD3.5, Flux.1) is told once from model_index.json; each has one
+module in torch_backend/families/ saying what it loads, how a prompt becomes conditioning and its loss
+(DDPM or flow matching). Every trained text encoder's tokenizer gets the placeholder tokens and the
+encoder its own trainable vectors; a frozen encoder (T5 without --enable_t5_ti) is run once per distinct
+prompt, its outputs cached, and freed. The step arithmetic, checkpoints and the loop's bookkeeping
+are textual_inversion_core.run, shared with textual_inversion_flax.py; the PyTorch parts are in torch_backend/.
 """
 
 import importlib.util
@@ -21,12 +23,12 @@ import os
 import sys
 import warnings
 
-from textual_inversion_core import checkpoints, controls, embeddings, eval_record, families, hub, outputs, run
+from textual_inversion_core import checkpoints, controls, embeddings, eval_record, flow_matching, hub, outputs, run
 from textual_inversion_core.cli import parse_args, public_config
 from textual_inversion_core.errors import UserError, run_cli
 from textual_inversion_core.preflight import fit_init_vectors, load_run_inputs
 from textual_inversion_core.schedules import lr_table
-from textual_inversion_core.tokens import add_placeholder_tokens, initializer_vectors, placeholder_string
+from textual_inversion_core.tokens import initializer_vectors, placeholder_string
 from textual_inversion_core.trackers import select_trackers
 
 logger = logging.getLogger("textual_inversion")
@@ -46,22 +48,11 @@ def check_xformers(args):
                         "drop the flag on this machine (PyTorch SDPA attention is used by default)")
 
 
-def check_family_trains(args):
-    """SD3/SD3.5 and Flux.1 embedding files are written, converted and loaded (families.py, pipeline_loading), but
-    this trainer has no flow-matching loss yet: say so in one line instead of failing inside the UNet loader."""
-    spec = families.family_of(args.pretrained_model_name_or_path, args.revision)
-    if spec is not None and spec.flow_matching:
-        raise UserError(f"--pretrained_model_name_or_path {str(args.pretrained_model_name_or_path)!r} is a {spec.label} "
-                        f"pipeline ({spec.pipeline_class}); this release trains SD-1.x/2.x and SDXL only: choose one of "
-                        "those (SD3/Flux.1 files can be converted and loaded with load_embedding_into_pipeline)")
-
-
 def main(argv=None, prog="textual_inversion.py"):
     args = parse_args(argv, prog=prog)
 
-    # ---- Checks that need no model: fail in seconds, not after loading gigabytes.
+    # ---- Checks that need no model: fail in seconds, not after importing torch and loading gigabytes.
     check_xformers(args)
-    check_family_trains(args)
     optimizer_name = run.ADAMW_8BIT if args.use_8bit_adam else run.ADAMW
     if args.use_8bit_adam:  # bitsandbytes and CUDA
         from torch_backend.optimizer import check_8bit_adam
@@ -74,7 +65,7 @@ def main(argv=None, prog="textual_inversion.py"):
     from accelerate.utils import ProjectConfiguration
     from tqdm.auto import tqdm
 
-    from torch_backend import hosts, scores
+    from torch_backend import families, hosts, scores
     from torch_backend import model as tm
     from torch_backend import optimizer as topt
     from torch_backend.pipeline import run_validation, save_full_pipeline
@@ -100,56 +91,71 @@ def main(argv=None, prog="textual_inversion.py"):
     args.seed = seed = dataset.seed = run.resolve_seed(args.seed, inputs.resume_state, logger, processes.share_int)
     torch.manual_seed(seed)
 
-    # ---- Load
-    models = processes.agree(lambda: tm.load_models(args))  # a model missing on one machine stops every machine
-    run.check_prediction_type(models.noise_scheduler.config.prediction_type)
-    if args.enable_xformers_memory_efficient_attention:
-        tm.enable_xformers_attention(models)
-    # The placeholder tokens go into every tokenizer (SDXL: both), with the same strings in every prompt.
-    added = [add_placeholder_tokens(tok, args.placeholder_token, args.num_vectors, args.initializer_token)
-             for tok in models.tokenizers]
+    # ---- Load: the family (from model_index.json) says what; tokenizers first, so a placeholder or initializer
+    # a vocabulary refuses stops the run before any big model loads. A model missing on one machine stops every one.
+    family = processes.agree(lambda: families.select(args))
+    flow_matching.check_for_family(args, family.spec)  # (preflight did, if model_index.json was on this machine)
+    family.check_model_configs()
+    tokenizers = processes.agree(family.load_tokenizers)
+    # The placeholder tokens go into the tokenizer of every trained encoder. A frozen encoder reads the prompts as a
+    # pipeline without this embedding would: the placeholder as plain text.
+    added = family.add_placeholders(tokenizers)
     prompt_ids = []
-    for tokenizer, (placeholder_ids, _) in zip(models.tokenizers, added):
-        dataset.tokenize(tokenizer, placeholder_string(tokenizer, placeholder_ids))
+    for i, tokenizer in enumerate(tokenizers):
+        text = placeholder_string(tokenizer, added[i][0]) if i in added else args.placeholder_token
+        dataset.tokenize(tokenizer, text, max_length=family.max_length(i, tokenizer), trained=i in added)
         prompt_ids.append(torch.from_numpy(dataset.all_prompt_ids))
+    models = processes.agree(lambda: family.load_text_side(tokenizers))
 
-    # ---- Prepare: freeze everything, then make the placeholder vectors of each text encoder the trainable tensors.
-    vae, unet, text_encoders = models.vae, models.unet, models.text_encoders
-    for module in (vae, unet):
-        module.requires_grad_(False)
-    tables = [te.get_input_embeddings().weight.data for te in text_encoders]
-    starts = fit_init_vectors(args, inputs.init_vectors, [t.shape[1] for t in tables])
-    for i, (table, (_, initializer_ids)) in enumerate(zip(tables, added)):
-        if starts[i] is None:  # the initializer word's embedding, or a phrase's (tokens.initializer_rows)
-            starts[i] = initializer_vectors(table.float().numpy(), initializer_ids, args.num_vectors)
+    # ---- Prepare: freeze everything, then make the placeholder vectors of each trained encoder the trainable tensors.
+    text_encoders = models.text_encoders
+    tm.freeze(text_encoders)
+    tables = {i: text_encoders[i].get_input_embeddings().weight.data for i in family.trained}
+    starts = fit_init_vectors(args, inputs.init_vectors, [tables[i].shape[1] for i in family.trained])
+    for n, i in enumerate(family.trained):
+        if starts[n] is None:  # the initializer word's embedding, or a phrase's (tokens.initializer_rows)
+            starts[n] = initializer_vectors(tables[i].float().numpy(), added[i][1], args.num_vectors)
     del tables
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    vae.to(device, dtype=torch.float32)  # fp32: its posterior is computed once per image and cached exactly
-    unet.to(device, dtype=weight_dtype)
-    for text_encoder in text_encoders:
-        text_encoder.to(device, dtype=weight_dtype)
-        text_encoder.eval()
+    tm.place(text_encoders, device, weight_dtype)
     # Inserted after the cast, so the trainable vectors are the fp32 start vectors themselves (never rounded
     # through fp16/bf16); the rest of each text encoder runs in weight_dtype.
-    vector_sets = [tm.insert_placeholder_embedding(text_encoder, len(tokenizer), placeholder_ids, start).vectors
-                   for text_encoder, tokenizer, (placeholder_ids, _), start in
-                   zip(text_encoders, models.tokenizers, added, starts)]
-    unet.eval()
+    vector_sets = []
+    for n, i in enumerate(family.trained):
+        # T5's table has spare rows past its tokenizer's vocabulary: the new tokens' ids may already fit
+        rows = max(len(tokenizers[i]), text_encoders[i].get_input_embeddings().weight.shape[0])
+        vector_sets.append(tm.insert_placeholder_embedding(text_encoders[i], rows, added[i][0], starts[n]).vectors)
+    # A frozen encoder (T5 without --enable_t5_ti) reads fixed prompts: run it once per prompt, keep its outputs, free it.
+    family.cache_frozen_encoders(models, prompt_ids, device)
+    prompt_ids = [prompt_ids[i] for i in family.trained]
+    processes.agree(lambda: family.load_image_side(models))
+    vae, denoiser = models.vae, models.denoiser
+    tm.freeze((vae, denoiser))
+    vae.to(device, dtype=torch.float32)  # fp32: its posterior is computed once per image and cached exactly
+    denoiser.to(device, dtype=weight_dtype)
+    denoiser.eval()
+    if args.enable_xformers_memory_efficient_attention:
+        tm.enable_xformers_attention(models)
     if args.gradient_checkpointing:
         # Both only checkpoint in train mode; neither has dropout in SD configs, so outputs are the same.
-        for text_encoder in text_encoders:
-            text_encoder.gradient_checkpointing_enable()
-            text_encoder.train()
-        unet.enable_gradient_checkpointing()
-        unet.train()
+        for i in family.trained:
+            text_encoders[i].gradient_checkpointing_enable()
+            text_encoders[i].train()
+        denoiser.enable_gradient_checkpointing()
+        denoiser.train()
 
     plan = run.make_plan(args, len(dataset), accelerator.num_processes)
     lrs = lr_table(args.lr_scheduler, args.lr_warmup_steps, plan.max_train_steps, args.lr_num_cycles,
                    plan.learning_rate)
     optimizer = topt.make_optimizer(args, vector_sets, plan.learning_rate)
     optimizer = accelerator.prepare(optimizer)
+    trained_keys = [family.spec.encoders[i].file_key for i in family.trained]
+    checkpoint_family = run.family_state(family.spec, trained_keys)
+    if inputs.resume_state is not None:  # (preflight checked it already when model_index.json was on this machine)
+        run.check_checkpoint_family(inputs.resume_path, inputs.resume_tensors, inputs.resume_state, family.spec,
+                                    trained_keys)
     resume = run.resume_point(args, inputs, [v.shape[1] for v in vector_sets], plan, logger)
     if resume.vector_sets is not None:
         with torch.no_grad():
@@ -175,14 +181,14 @@ def main(argv=None, prog="textual_inversion.py"):
     # With --eval_clip_model, also the paper's CLIP scores of every saved step (torch_backend.scores).
     if accelerator.is_main_process:
         paper = scores.paper_scorer(args, models, device, accelerator.autocast) if args.eval_clip_model else None
-        evaluation = eval_record.start(args, inputs, models.tokenizers, [ids for ids, _ in added],
-                                       tm.encode_posteriors(vae, device), control.timestep_range, paper)
-    held_out_loss = tm.held_out_loss(accelerator, models, weight_dtype, vae.config.scaling_factor, device)
+        evaluation = eval_record.start(args, inputs, [tokenizers[i] for i in family.trained],
+                                       [added[i][0] for i in family.trained], tm.encode_posteriors(vae, device),
+                                       control.timestep_range, paper)
+    held_out_loss = tm.held_out_loss(accelerator, family, models, weight_dtype, device)
 
     def batch_for(step):  # with buckets the latent shape is the step's bucket's
         batch = run.host_batch(plan, dataset, latents, seed, step, accelerator.process_index)
-        return [tm.device_batch(batch, micro, prompt_ids, control.timestep_range, vae.config.scaling_factor, device,
-                                control.noise_offset)
+        return [family.device_batch(batch, micro, prompt_ids, control, models, device)
                 for micro in range(plan.accumulation)]
 
     def interrupted_anywhere(stop):
@@ -193,11 +199,11 @@ def main(argv=None, prog="textual_inversion.py"):
         return [v.detach().float().cpu().numpy() for v in vector_sets]
 
     def host_vectors():
-        """The learned vectors as the output files take them: one array, or SDXL's {"clip_l", "clip_g"}."""
-        return run.output_vectors(host_sets())
+        """The learned vectors as the output files take them (the family says: SD-1.x one array, else {file key: array})."""
+        return family.output_vectors(host_sets())
 
     run.log_start(logger, plan, dataset, seed,
-                  f"processes = {plan.num_devices}, model = {run.describe_encoders(len(vector_sets))}")
+                  f"processes = {plan.num_devices}, {family.describe(models)}")
     progress = tqdm(range(plan.max_train_steps), initial=step, desc="Steps", disable=not accelerator.is_local_main_process)
     losses = run.LossLog()
 
@@ -220,11 +226,11 @@ def main(argv=None, prog="textual_inversion.py"):
                 if actions.save_embeddings:
                     embeddings.write_diffusers(args.output_dir, args.placeholder_token, host_vectors(),
                                                safe_serialization=not args.no_safe_serialization,
-                                               suffix=f"-steps-{step}")
+                                               suffix=f"-steps-{step}", family=family.spec)
                 if actions.save_checkpoint:
                     tensors, state = run.checkpoint_payload(
                         host_sets(), topt.optimizer_state(optimizer, len(vector_sets), optimizer_name), seed, args, plan,
-                        "pytorch", optimizer_name)
+                        "pytorch", optimizer_name, checkpoint_family)
                     logger.info("saved %s", checkpoints.save_checkpoint(args.output_dir, step, tensors, state,
                                                                         args.checkpoints_total_limit))
                 if actions.validate:
@@ -244,8 +250,8 @@ def main(argv=None, prog="textual_inversion.py"):
     if accelerator.is_main_process:
         outputs.finish_run(args, host_vectors(), step, losses.history, hub_repo_id,
                            lambda: save_full_pipeline(args, args.output_dir, models, host_vectors(),
-                                                      [ids for ids, _ in added]),
-                           logger, evaluation=evaluation)
+                                                      [added[i][0] for i in family.trained]),
+                           logger, family=family.spec, evaluation=evaluation)
     accelerator.end_training()
     return 0
 

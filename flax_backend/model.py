@@ -63,7 +63,7 @@ def make_denoising_loss(text_encoders, unet, noise_scheduler, placeholder_id_set
     hidden states side by side, plus text_encoder_2's pooled projection and the time_ids (original size,
     crop top-left, target size). params = {"text_encoder": ..., ["text_encoder_2": ...,] "unet": ...}.
     MSE between the UNet's prediction and the target (noise for epsilon models, velocity for v_prediction
-    models), as torch_backend.model.prediction_loss; with snr_gamma (--snr_gamma) each example's MSE is weighted
+    models), as torch_backend.ddpm.prediction_loss; with snr_gamma (--snr_gamma) each example's MSE is weighted
     by its min-SNR-gamma weight before the mean over examples (diffusers' train_text_to_image.py).
     """
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
@@ -128,7 +128,7 @@ def compute_snr(alphas_cumprod, timesteps):
 
 
 def min_snr_weights(alphas_cumprod, timesteps, gamma, v_prediction=False):
-    """Min-SNR-gamma weights [batch], as torch_backend.model.min_snr_weights (reference:
+    """Min-SNR-gamma weights [batch], as torch_backend.ddpm.min_snr_weights (reference:
     textual_inversion_core.controls.min_snr_weights): min(SNR, gamma) / SNR, for v_prediction / (SNR + 1)."""
     snr = compute_snr(alphas_cumprod, timesteps)
     clipped = jnp.minimum(snr, jnp.float32(gamma))

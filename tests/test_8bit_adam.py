@@ -106,13 +106,14 @@ def test_resume_equals_the_uninterrupted_run_bit_for_bit(runs_8bit, case):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fails the test if the trainer gets as far as loading a model; the CUDA guard of --use_8bit_adam passes."""
-    from torch_backend import model as torch_model
     from torch_backend import optimizer as topt
+    from torch_backend.families.base import Family
 
-    def refuse(args):
+    def refuse(self, *args):
         raise AssertionError("a model was loaded before the checkpoint was refused")
 
-    monkeypatch.setattr(torch_model, "load_models", refuse)
+    monkeypatch.setattr(Family, "load_text_encoder", refuse)
+    monkeypatch.setattr(Family, "load_image_side", refuse)
     monkeypatch.setattr(topt, "cuda_available", lambda: True)
 
 

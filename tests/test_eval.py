@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import base_args, run_script, write_images
+from helpers import assert_within_eps, base_args, run_script, write_images
 from test_bad_input import bad_args, refusal
 from textual_inversion_core import eval_record, validation
 from textual_inversion_core.cli import parse_args
@@ -55,7 +55,8 @@ def test_eval_json_has_the_loss_at_save_steps_every_n_steps_and_the_last(validat
 def test_resume_keeps_the_scores_of_steps_already_measured(validated_run, tiny_pipeline, train_images, tmp_path):
     """Resumed from checkpoint-3: the entries of steps 2 and 3 are kept as they are in eval.json (step 2 is
     marked here to show it is not measured again), steps 4 and 6 are measured again, equal to the
-    uninterrupted run's (the draws are fixed; the baseline to the bit)."""
+    uninterrupted run's (the draws are fixed; the baseline, measured in the other process, to a few float32 ulps:
+    MKL's float32 kernels may round differently with another memory alignment; measured 0 to 2.4e-8 on 1.08)."""
     out, _ = validated_run
     part = str(tmp_path / "part")
     os.makedirs(part)
@@ -72,7 +73,8 @@ def test_resume_keeps_the_scores_of_steps_already_measured(validated_run, tiny_p
     assert resumed["3"] == uninterrupted["3"]
     for step in ("4", "6"):  # the resumed vectors differ from the uninterrupted ones by up to 5e-8 (AdamW on resume)
         assert resumed[step]["validation_loss"] == pytest.approx(uninterrupted[step]["validation_loss"], abs=1e-6), step
-        assert resumed[step]["validation_baseline"] == uninterrupted[step]["validation_baseline"], step
+        assert_within_eps(resumed[step]["validation_baseline"], uninterrupted[step]["validation_baseline"], 4,
+                          what=f"baseline at step {step}")
 
 
 def test_resume_with_other_held_out_images_is_refused(validated_run, tiny_pipeline, train_images, tmp_path):
@@ -191,7 +193,7 @@ def test_bad_validation_flags(tiny_pipeline, train_images, tmp_path, capsys, ove
 
 def test_validation_split_that_leaves_no_training_image(tiny_pipeline, tmp_path, capsys, monkeypatch):
     data = write_images(tmp_path / "one", count=1)
-    monkeypatch.setattr("torch_backend.model.load_models", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("torch_backend.families.base.Family.load_text_side", lambda *a: pytest.fail("a model was loaded"))
     refusal(bad_args(tiny_pipeline, data, str(tmp_path / "out"), validation_split=0.5), capsys,
             "--validation_split 0.5 of 1 image(s) leaves no training image")
 

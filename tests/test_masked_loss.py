@@ -15,7 +15,8 @@ from helpers import assert_within_eps, write_images
 from textual_inversion_core import run
 from textual_inversion_core.data import TextualInversionDataset, area_average, load_image
 from textual_inversion_core.errors import UserError
-from torch_backend.model import denoising_loss, masked_mse
+from torch_backend.ddpm import denoising_loss
+from torch_backend.model import masked_mse
 
 BUCKETS = dict(enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16)
 

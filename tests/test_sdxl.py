@@ -27,7 +27,7 @@ def sdxl_runs(tiny_sdxl_pipeline, train_images, tmp_path_factory):
     result = run_script(base_args(tiny_sdxl_pipeline, train_images, out["full"], save_as_full_pipeline=True,
                                   **SETTINGS))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "model = SDXL (2 text encoders)" in result.stderr, result.stderr[-2000:]
+    assert "model = SDXL, trained: clip_l (text_encoder), clip_g (text_encoder_2)" in result.stderr, result.stderr[-2000:]
     os.makedirs(out["resumed"])
     shutil.copytree(os.path.join(out["full"], "checkpoint-2"), os.path.join(out["resumed"], "checkpoint-2"))
     # diffusers' SDXL script name: the same run, resumed
@@ -153,12 +153,13 @@ def test_8bit_adam_without_bitsandbytes_or_cuda_is_one_line(tiny_sdxl_pipeline, 
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fails the test if the trainer gets as far as loading a model."""
-    from torch_backend import model as torch_model
+    from torch_backend.families.base import Family
 
-    def refuse(args):
+    def refuse(self, *args):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(torch_model, "load_models", refuse)
+    monkeypatch.setattr(Family, "load_text_encoder", refuse)
+    monkeypatch.setattr(Family, "load_image_side", refuse)
 
 
 def test_embedding_of_the_other_family_is_refused_before_any_model_loads(sdxl_runs, tiny_pipeline, tiny_sdxl_pipeline,

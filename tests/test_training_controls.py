@@ -21,6 +21,7 @@ from test_logging import read_events
 from textual_inversion_core import controls, run
 from textual_inversion_core.cli import build_parser
 from textual_inversion_core.errors import UserError
+from torch_backend import ddpm
 from torch_backend import model as tm
 
 GAMMA = 5.0
@@ -52,7 +53,7 @@ def diffusers_weights(noise_scheduler, timesteps, gamma):
 def test_min_snr_weights_equal_diffusers_and_the_numpy_reference(prediction_type):
     sched = scheduler(prediction_type)
     timesteps = torch.tensor([0, 1, 50, 150, 250, 400, 700, 999])
-    ours = tm.min_snr_weights(sched, timesteps, GAMMA)
+    ours = ddpm.min_snr_weights(sched, timesteps, GAMMA)
     assert torch.equal(ours, diffusers_weights(sched, timesteps, GAMMA))
     reference = controls.min_snr_weights(controls.snr(sched.alphas_cumprod.numpy(), timesteps.numpy()), GAMMA,
                                          prediction_type)
@@ -60,7 +61,7 @@ def test_min_snr_weights_equal_diffusers_and_the_numpy_reference(prediction_type
     assert ours.min() < 0.1 and (ours[-1] == 1 if prediction_type == "epsilon" else ours[-1] < 0.01)
     # gamma above every SNR: the epsilon weights are all 1 (the plain MSE); v_prediction's are snr / (snr + 1)
     if prediction_type == "epsilon":
-        assert torch.equal(tm.min_snr_weights(sched, timesteps, 1e9), torch.ones(len(timesteps)))
+        assert torch.equal(ddpm.min_snr_weights(sched, timesteps, 1e9), torch.ones(len(timesteps)))
     # a zero SNR (zero-terminal-SNR schedules) gives epsilon its limit 1, not diffusers' 0/0
     assert controls.min_snr_weights(np.array([0.0, 2.0], np.float32), GAMMA, "epsilon").tolist() == [1.0, 1.0]
 
@@ -83,15 +84,15 @@ def test_snr_loss_is_the_mean_of_weighted_per_example_mse_also_masked(prediction
     weights = diffusers_weights(sched, timesteps, GAMMA)
     expected = (F.mse_loss(pred, target, reduction="none").mean(dim=[1, 2, 3]) * weights).mean()
     args = (unet, sched, latents, noise, timesteps, hidden, None, torch.float32)
-    torch.testing.assert_close(tm.prediction_loss(*args, snr_gamma=GAMMA), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ddpm.prediction_loss(*args, snr_gamma=GAMMA), expected, rtol=1e-6, atol=0)
     # without the flag: diffusers' plain MSE, the very expression it always was
-    assert torch.equal(tm.prediction_loss(*args), F.mse_loss(pred, target))
+    assert torch.equal(ddpm.prediction_loss(*args), F.mse_loss(pred, target))
     # masked: each example's masked MSE times its weight; all-ones is the unmasked weighted loss
     mask = (torch.rand(4, 1, 6, 6, generator=g) > 0.5).float()
     per_example = tm.masked_mse_per_example(pred, target, mask)
-    torch.testing.assert_close(tm.prediction_loss(*args, mask=mask, snr_gamma=GAMMA), (per_example * weights).mean(),
+    torch.testing.assert_close(ddpm.prediction_loss(*args, mask=mask, snr_gamma=GAMMA), (per_example * weights).mean(),
                                rtol=1e-6, atol=0)
-    torch.testing.assert_close(tm.prediction_loss(*args, mask=torch.ones(4, 1, 6, 6), snr_gamma=GAMMA), expected,
+    torch.testing.assert_close(ddpm.prediction_loss(*args, mask=torch.ones(4, 1, 6, 6), snr_gamma=GAMMA), expected,
                                rtol=1e-6, atol=0)
 
 
@@ -103,7 +104,7 @@ def fake_batch(seeds, shape=(4, 8, 8)):
 
 
 def draws(seeds, timestep_range=(0, 1000), noise_offset=0.0):
-    latents, noise, timesteps, *_ = tm.device_batch(fake_batch(seeds), 0, [torch.zeros((1, 77), dtype=torch.long)],
+    latents, noise, timesteps, *_ = ddpm.device_batch(fake_batch(seeds), 0, [torch.zeros((1, 77), dtype=torch.long)],
                                                     timestep_range, 0.18215, "cpu", noise_offset)
     return latents, noise, timesteps
 
@@ -195,10 +196,13 @@ def test_help_says_whose_flag_each_control_is():
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
-    def refuse(args):
+    from torch_backend.families.base import Family
+
+    def refuse(self, *args):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(tm, "load_models", refuse)
+    monkeypatch.setattr(Family, "load_text_encoder", refuse)
+    monkeypatch.setattr(Family, "load_image_side", refuse)
 
 
 @pytest.mark.parametrize("flags, needle", [

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from . import best, controls, evaluate
+from . import best, controls, evaluate, flow_matching
 from .errors import UserError
 from .schedules import LR_SCHEDULERS
 
@@ -110,19 +110,44 @@ def build_parser(prog=None, description=None):
     add("--snr_gamma", type=float, default=None,
         help="(diffusers' train_text_to_image.py; kohya's --min_snr_gamma) Min-SNR-gamma loss weighting: each "
              "example's MSE is weighted by min(SNR(t), gamma) / SNR(t) (v_prediction: / (SNR(t) + 1)); 5.0 is the "
-             "recommended value. Off by default.")
+             "recommended value. Off by default. DDPM models only (refused for SD3/Flux.1).")
     add("--noise_offset", type=float, default=0.0,
         help="(diffusers, kohya) Add noise_offset x one random number per example and latent channel to the noise "
-             "(each example's own draw); about 0.05-0.1 helps very dark or bright pictures. 0: off.")
+             "(each example's own draw); about 0.05-0.1 helps very dark or bright pictures. 0: off. DDPM models only "
+             "(refused for SD3/Flux.1).")
     add("--min_timestep", type=int, default=None,
-        help="(kohya) Draw timesteps from [min_timestep, max_timestep) instead of from 0 (the default).")
+        help="(kohya) Draw timesteps from [min_timestep, max_timestep) instead of from 0 (the default). DDPM models "
+             "only (refused for SD3/Flux.1).")
     add("--max_timestep", type=int, default=None,
-        help="(kohya) Upper end (excluded) of the timestep range; default the scheduler's num_train_timesteps (1000).")
+        help="(kohya) Upper end (excluded) of the timestep range; default the scheduler's num_train_timesteps (1000). "
+             "DDPM models only.")
     add("--preserve_embedding_norm", action="store_true",
         help="(OneTrainer) After every optimizer step rescale each learned vector to the L2 norm of its start vector "
              "(the initializer's, or --init_from's).")
     add("--max_embedding_norm", type=float, default=None,
         help="(ours) After every optimizer step scale down any learned vector whose L2 norm exceeds this cap.")
+
+    # SD3/SD3.5 and Flux.1 (see README "SD3/SD3.5 and Flux.1"): flow matching as diffusers' SD3/Flux scripts train it.
+    # Refused on SD-1.x/2.x and SDXL, where they mean nothing.
+    add("--enable_t5_ti", action="store_true",
+        help="(diffusers' advanced Flux script) Also learn vectors for the T5 text encoder (SD3's text_encoder_3, Flux's "
+             "text_encoder_2), initialised from --initializer_token in T5's vocabulary. Without it only the CLIP "
+             "encoders learn; T5 runs once per distinct prompt, its outputs are cached and it is freed.")
+    add("--max_sequence_length", type=int, default=None,
+        help="(diffusers) T5 tokens per prompt; default diffusers' training default: 77 for SD3, 512 for Flux.1.")
+    add("--weighting_scheme", type=str, default=None, choices=flow_matching.WEIGHTING_SCHEMES,
+        help="(diffusers) How sigmas are drawn and the loss weighted: logit_normal or mode draw sigmas non-uniformly, "
+             "sigma_sqrt and cosmap weight the loss, none is uniform and unweighted; default diffusers' per script: "
+             "logit_normal for SD3, none for Flux.1.")
+    add("--logit_mean", type=float, default=None,
+        help=f"(diffusers) Mean of the logit_normal draw (default {flow_matching.LOGIT_MEAN}).")
+    add("--logit_std", type=float, default=None,
+        help=f"(diffusers) Standard deviation of the logit_normal draw (default {flow_matching.LOGIT_STD}).")
+    add("--mode_scale", type=float, default=None,
+        help=f"(diffusers) Scale of the mode draw (default {flow_matching.MODE_SCALE}).")
+    add("--guidance_scale", type=float, default=None,
+        help=f"(diffusers' Flux scripts) The guidance input of a guidance-distilled Flux transformer (FLUX.1-dev) "
+             f"during training (default {flow_matching.GUIDANCE_SCALE}); refused for a transformer without one.")
 
     # Output
     add("--output_dir", type=str, default="text-inversion-model",
@@ -289,6 +314,7 @@ def check_args(args):
                            has_loss=args.validation_split is not None or bool(args.validation_data_dir),
                            has_steps=bool(args.save_steps))
     controls.check_args(args)
+    flow_matching.check_args(args)
     return args
 
 

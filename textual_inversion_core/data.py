@@ -791,15 +791,17 @@ class TextualInversionDataset:
                     self._patterns.append(prompt)
                 self._row_of[image_index, template_index] = rows[prompt]
 
-    def tokenize(self, tokenizer, placeholder_string):
-        """Fill every prompt with the placeholder string and tokenise each distinct prompt once.
+    def tokenize(self, tokenizer, placeholder_string, max_length=None, trained=True):
+        """Fill every prompt with the placeholder string and tokenise each distinct prompt once, padded to
+        max_length tokens (default the tokenizer's limit; T5 takes --max_sequence_length).
 
-        Prompts longer than the tokenizer's limit are cut, with one warning; a prompt whose cut
-        leaves none of the placeholder's tokens would train nothing and is an error.
+        Prompts longer than that are cut, with one warning; a prompt whose cut leaves none of the
+        placeholder's tokens would train nothing and is an error for the tokenizer of a trained encoder
+        (trained=False: a frozen encoder's, which reads the placeholder as plain text).
         """
         self.placeholder_string = placeholder_string
         self.prompts = [p.replace(_TOKEN_SLOT, placeholder_string) for p in self._patterns]
-        max_length = tokenizer.model_max_length
+        max_length = max_length or tokenizer.model_max_length
         self._prompt_ids = np.asarray(
             tokenizer(self.prompts, padding="max_length", truncation=True, max_length=max_length).input_ids,
             dtype=np.int64)
@@ -815,7 +817,7 @@ class TextualInversionDataset:
         if not cut:
             return
         placeholder_ids = tokenizer.convert_tokens_to_ids(placeholder_string.split())
-        lost = [row for row in cut if not np.isin(self._prompt_ids[row], placeholder_ids).any()]
+        lost = [row for row in cut if not np.isin(self._prompt_ids[row], placeholder_ids).any()] if trained else []
         if lost:
             raise UserError(f"the prompt of {self._images_of(lost)} is longer than {max_length} tokens and, cut there, "
                             f"keeps none of {placeholder_string.split()[0]}; shorten the caption or put the token nearer "

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from . import data
+from . import data, families, flow_matching
 from .errors import UserError
 
 RECONSTRUCTION_PROMPTS = {"object": "a photo of {}", "style": "a painting in the style of {}"}
@@ -202,6 +202,9 @@ def main(argv=None):
     record = eval_record.EvalRecord(args.output_dir)
     settings = run_settings(args, record)
     check_scoring_args(settings)
+    spec = families.family_of(settings.pretrained_model_name_or_path, settings.revision)
+    if spec is not None:  # SD3 / Flux.1 steps are not scored yet: one line, before any model loads
+        flow_matching.check_for_family(settings, spec)
     steps = saved_steps(args.output_dir, record.data.get("final_step"))
     best.check_select_args(args.select_best, has_scores=True, has_loss=any(
         "validation_loss" in e for e in record.steps.values()), has_steps=bool(steps))
@@ -238,7 +241,7 @@ def main(argv=None):
 
 
 def models_on(models, device):
-    for module in [models.vae, models.unet] + list(models.text_encoders):
+    for module in [models.vae, models.denoiser] + list(models.text_encoders):
         module.to(device)
 
 

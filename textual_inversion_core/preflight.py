@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from . import checkpoints, controls, embeddings, families, run, validation
+from . import checkpoints, controls, embeddings, families, flow_matching, run, validation
 from .data import TextualInversionDataset
 from .errors import UserError
 from .processes import ONE_PROCESS, decode_checkpoint, encode_checkpoint
@@ -58,6 +58,9 @@ def load_run_inputs(args, optimizer=run.ADAMW, processes=ONE_PROCESS):
 
 def _read_run_inputs(args, optimizer, is_main):
     check_output_dir(args.output_dir, is_main)
+    spec = families.family_of(args.pretrained_model_name_or_path, args.revision)
+    if spec is not None:  # T5 flags without T5, DDPM controls on a flow model, flow flags on a DDPM one
+        flow_matching.check_for_family(args, spec)
     if args.min_timestep is not None or args.max_timestep is not None:  # against the model's scheduler, when readable
         controls.check_timestep_range(args.min_timestep, args.max_timestep,
                                       controls.scheduler_timesteps(args.pretrained_model_name_or_path, args.revision))
@@ -83,10 +86,10 @@ def _read_run_inputs(args, optimizer, is_main):
     resume_tensors, resume_state = checkpoints.load_checkpoint(resume_path) if resume_path else (None, None)
     if resume_state is not None:
         run.check_optimizer(resume_path, resume_state, optimizer)
-    family = model_family(args.pretrained_model_name_or_path, args.revision)
-    if family is not None and resume_tensors is not None:  # an SD-1.x checkpoint on SDXL (or the reverse)
-        run.check_vector_set_count(resume_path, resume_tensors,
-                                   len(families.trained_encoders(family, getattr(args, "enable_t5_ti", False))))
+    family = spec.name if spec is not None else None
+    if spec is not None and resume_tensors is not None:  # a checkpoint of another family (SD-1.x on SDXL, ...)
+        trained = [e.file_key for e in families.trained_encoders(spec, getattr(args, "enable_t5_ti", False))]
+        run.check_checkpoint_family(resume_path, resume_tensors, resume_state, spec, trained)
     init_vectors = read_init_from(args, family) if args.init_from else None
     return RunInputs(dataset, resume_path, resume_tensors, resume_state, init_vectors, held_out)
 

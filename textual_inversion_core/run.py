@@ -180,7 +180,7 @@ def set_suffix(index):
     return "" if index == 0 else f"_{index + 1}"
 
 
-def checkpoint_payload(vector_sets, adam_sets, seed, args, plan, framework, optimizer=ADAMW):
+def checkpoint_payload(vector_sets, adam_sets, seed, args, plan, framework, optimizer=ADAMW, family_state=None):
     """(tensors, state) of a checkpoint: one vector set per text encoder (SD-1.x/2.x: one, SDXL: two), their
     optimizer state (None before the first update) and what resuming must match. Set i is stored as vectors{s}
     and, for AdamW (AdamMoments), exp_avg{s}, exp_avg_sq{s} with s = set_suffix(i), so SD-1.x checkpoints keep
@@ -199,7 +199,8 @@ def checkpoint_payload(vector_sets, adam_sets, seed, args, plan, framework, opti
                 tensors["exp_avg_sq" + set_suffix(i)] = np.asarray(adam.exp_avg_sq, np.float32)
     state = {"seed": int(seed), "num_vectors": args.num_vectors, "placeholder_token": args.placeholder_token,
              "global_batch": plan.global_batch, "framework": framework, "text_encoders": len(vector_sets),
-             "optimizer": optimizer, "optimizer_step": float(step), "learning_rate": plan.learning_rate}
+             "optimizer": optimizer, "optimizer_step": float(step), "learning_rate": plan.learning_rate,
+             **(family_state or {})}
     return tensors, state
 
 
@@ -241,6 +242,30 @@ def check_vector_set_count(resume_path, resume_tensors, count):
     if stored != count:
         raise UserError(f"checkpoint {resume_path!r} was made for {describe_encoders(stored)}, this model is "
                         f"{describe_encoders(count)}; resume on the model it was trained with or start a new --output_dir")
+
+
+def family_state(spec, trained_keys):
+    """What a flow-family checkpoint records of its model: {"family", "encoders"} (the trained encoders' file keys).
+    SD-1.x/2.x and SDXL checkpoints record nothing, keeping the layout both trainers have always read and written
+    (their family follows from the number of vector sets)."""
+    return {"family": spec.name, "encoders": list(trained_keys)} if spec.flow_matching else {}
+
+
+def check_checkpoint_family(resume_path, resume_tensors, resume_state, spec, trained_keys):
+    """A checkpoint resumes only on the family and trained encoders it was made with (spec: a core FamilySpec)."""
+    recorded = resume_state.get("family")
+    if recorded is None:  # SD-1.x/2.x or SDXL
+        if spec.flow_matching:
+            stored = sum(1 for i in range(len(resume_tensors)) if "vectors" + set_suffix(i) in resume_tensors)
+            raise UserError(f"checkpoint {resume_path!r} was made for {describe_encoders(stored)}, this model is "
+                            f"{spec.label}; resume on the model it was trained with or start a new --output_dir")
+        check_vector_set_count(resume_path, resume_tensors, len(trained_keys))
+        return
+    made = f"{recorded} training {'+'.join(resume_state.get('encoders') or [])}"
+    if recorded != spec.name or list(resume_state.get("encoders") or []) != list(trained_keys):
+        raise UserError(f"checkpoint {resume_path!r} was made for {made}, this run is {spec.name} training "
+                        f"{'+'.join(trained_keys)}; resume with the model (and --enable_t5_ti setting) it was trained "
+                        "with or start a new --output_dir")
 
 
 def resume_point(args, inputs, dims, plan, logger):

@@ -1,10 +1,10 @@
 """Loading the models, the placeholder embedding, the objective and one optimizer step (PyTorch)."""
 
 import os
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from textual_inversion_core.errors import UserError
@@ -44,87 +44,19 @@ class PlaceholderEmbedding(nn.Module):
         return torch.where(match.any(-1, keepdim=True), picked.to(out.dtype), out)
 
 
-# The two model families: SD-1.x/2.x (one CLIP text encoder) and SDXL (CLIP-L plus OpenCLIP bigG with projection).
-TEXT_ENCODER_FOLDERS = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
-TOKENIZER_FOLDERS = {"sd": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
-
-
-def model_family(args):
-    """"sdxl" when the pipeline has a second text encoder (model_index.json names text_encoder_2), else "sd"."""
-    from diffusers import DiffusionPipeline
-
-    model = args.pretrained_model_name_or_path
-    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
-        return "sdxl" if os.path.isdir(os.path.join(model, "text_encoder_2")) else "sd"
-    config = DiffusionPipeline.load_config(model, revision=args.revision)
-    return "sdxl" if config.get("text_encoder_2", [None])[0] else "sd"
-
-
-class Models:
-    """What training reads: the family, its tokenizers and text encoders (one or two), the VAE, the UNet and
-    the noise scheduler."""
-
-    def __init__(self, family, tokenizers, text_encoders, vae, unet, noise_scheduler):
-        self.family, self.tokenizers, self.text_encoders = family, tokenizers, text_encoders
-        self.vae, self.unet, self.noise_scheduler = vae, unet, noise_scheduler
-
-
-def load_models(args):
-    """The models of --pretrained_model_name_or_path (an SD-1.x/2.x or an SDXL pipeline)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    from textual_inversion_core.tokenizer_files import load_clip_tokenizer
-
-    model = args.pretrained_model_name_or_path
-    if os.path.exists(model) and not os.path.isfile(os.path.join(model, "model_index.json")) \
-            and not os.path.isdir(os.path.join(model, "unet")):
-        raise UserError(f"--pretrained_model_name_or_path {model!r} is not a Stable Diffusion pipeline folder "
-                        "(no model_index.json or unet/); point it at the folder that holds unet/, vae/, text_encoder/")
-    common = dict(revision=args.revision)
-    try:
-        family = model_family(args)
-        tokenizers = []
-        for i, folder in enumerate(TOKENIZER_FOLDERS[family]):
-            if args.tokenizer_name and i == 0:  # --tokenizer_name replaces the first tokenizer, as in diffusers
-                tokenizers.append(load_clip_tokenizer(args.tokenizer_name, **common))
-            else:
-                tokenizers.append(load_clip_tokenizer(model, subfolder=folder, **common))
-        noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **common)
-        text_encoders = [load_text_encoder(args, folder) for folder in TEXT_ENCODER_FOLDERS[family]]
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", variant=args.variant, **common)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", variant=args.variant, **common)
-    except (OSError, ValueError, EnvironmentError) as err:
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load the model {model!r} ({first}); check the path or hub id, --revision and --variant") from err
-    return Models(family, tokenizers, text_encoders, vae, unet, noise_scheduler)
-
-
 def enable_xformers_attention(models):
-    """--enable_xformers_memory_efficient_attention: xFormers attention in the UNet, as diffusers' script, and in
+    """--enable_xformers_memory_efficient_attention: xFormers attention in the denoiser, as diffusers' script, and in
     the VAE. Validation's pipeline is built from these same modules, so it samples with xFormers too; the VAE is
     switched here, once, rather than by the first validation round, so that posteriors cached before and after it
     (and those of a resumed run) come from the same attention. textual_inversion.check_xformers has refused a
     machine without xformers or CUDA before anything loaded; what is left is a broken xformers build."""
-    for module in (models.unet, models.vae):
+    for module in (models.denoiser, models.vae):
         try:
             module.enable_xformers_memory_efficient_attention()
         except Exception as err:  # xformers' own check (diffusers runs one small attention op) failed
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             raise UserError(f"--enable_xformers_memory_efficient_attention: xformers does not run here ({first}); "
                             "install the xformers build that matches your torch and CUDA, or drop the flag") from err
-
-
-def load_text_encoder(args, folder="text_encoder"):
-    """A text encoder of the model (CLIPTextModel, or for SDXL's text_encoder_2 CLIPTextModelWithProjection),
-    checked to hold its own weights."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    model = args.pretrained_model_name_or_path
-    cls = CLIPTextModelWithProjection if folder == "text_encoder_2" else CLIPTextModel
-    text_encoder = cls.from_pretrained(model, subfolder=folder, variant=args.variant, revision=args.revision)
-    if os.path.isdir(model):
-        verify_text_encoder_loaded(text_encoder, model, folder)
-    return text_encoder
 
 
 def verify_text_encoder_loaded(text_encoder, model_path, subfolder="text_encoder"):
@@ -146,6 +78,18 @@ def verify_text_encoder_loaded(text_encoder, model_path, subfolder="text_encoder
                         "re-save it with the transformers version in requirements.txt")
 
 
+def freeze(modules):
+    for module in modules:
+        module.requires_grad_(False)
+
+
+def place(text_encoders, device, dtype):
+    """The text encoders on the device in the frozen models' dtype, in eval mode."""
+    for text_encoder in text_encoders:
+        text_encoder.to(device, dtype=dtype)
+        text_encoder.eval()
+
+
 def insert_placeholder_embedding(text_encoder, num_tokens, placeholder_ids, start_vectors):
     """Grow the embedding to num_tokens rows and make the placeholder rows the one trainable tensor.
 
@@ -164,21 +108,35 @@ def insert_placeholder_embedding(text_encoder, num_tokens, placeholder_ids, star
     return embedding
 
 
-def denoising_loss(text_encoder, unet, noise_scheduler, latents, noise, timesteps, input_ids, weight_dtype, mask=None):
-    """The Textual Inversion objective of an SD-1.x/2.x model (one text encoder, its last hidden state)."""
-    encoder_hidden_states = text_encoder(input_ids)[0]
-    return prediction_loss(unet, noise_scheduler, latents, noise, timesteps, encoder_hidden_states, None, weight_dtype,
-                           mask)
+class DeviceBatch(NamedTuple):
+    """One device micro-batch (a family's device_batch): latents [B, C, h, w] (scaled as the denoiser takes them),
+    noise, timesteps, the input ids of each trained text encoder, SDXL's time_ids (else None), the loss mask (else
+    None), the prompt rows (which cached outputs of a frozen encoder belong to the examples) and, for flow
+    matching, the sigmas [B] (else None)."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    ids: list
+    time_ids: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+    rows: Optional[torch.Tensor] = None
+    sigmas: Optional[torch.Tensor] = None
 
 
-def sdxl_conditioning(text_encoders, input_ids, time_ids):
-    """SDXL's UNet inputs from the prompt: both encoders' penultimate hidden states side by side, and
-    text_encoder_2's pooled projection with the micro-conditioning time_ids (original size, crop
-    top-left, target size), as SDXL was trained."""
-    first = text_encoders[0](input_ids[0], output_hidden_states=True)
-    second = text_encoders[1](input_ids[1], output_hidden_states=True)
-    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-    return hidden, {"text_embeds": second.text_embeds, "time_ids": time_ids}
+def text_and_mask_inputs(batch, micro, prompt_ids, device, with_time_ids):
+    """(rows, ids per trained encoder, time_ids or None, mask or None) of micro-batch `micro` of a host_batch."""
+    rows = torch.from_numpy(batch["prompt"][micro])
+    ids = [table[rows].to(device) for table in prompt_ids]
+    time_ids = torch.from_numpy(batch["time_ids"][micro]).to(device) if with_time_ids else None
+    mask = torch.from_numpy(batch["mask"][micro]).to(device) if "mask" in batch else None
+    return rows, ids, time_ids, mask
+
+
+def example_generators(batch, micro):
+    """One generator per example of the micro-batch, seeded by its noise_seed (its global index): every random draw
+    of an example comes from it, so draws do not depend on how examples are split over processes or on a resume."""
+    return [torch.Generator().manual_seed(int(s)) for s in batch["noise_seed"][micro]]
 
 
 def masked_mse(prediction, target, mask):
@@ -196,102 +154,17 @@ def masked_mse_per_example(prediction, target, mask):
     return (weights * error).flatten(1).sum(1) / weights.flatten(1).sum(1).clamp_min(1e-12)
 
 
-def compute_snr(noise_scheduler, timesteps):
-    """SNR(t) = alphas_cumprod / (1 - alphas_cumprod) at each timestep, as diffusers.training_utils.compute_snr."""
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=timesteps.device)
-    alpha = (alphas_cumprod ** 0.5)[timesteps].float()
-    sigma = ((1.0 - alphas_cumprod) ** 0.5)[timesteps].float()
-    return (alpha / sigma) ** 2
-
-
-def min_snr_weights(noise_scheduler, timesteps, gamma):
-    """Min-SNR-gamma weights [batch] as diffusers' train_text_to_image.py: min(SNR, gamma) / SNR for epsilon
-    models, / (SNR + 1) for v_prediction (textual_inversion_core.controls.min_snr_weights is the reference;
-    an epsilon weight at SNR 0, only met with zero-terminal-SNR schedules, is its limit 1)."""
-    snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return torch.where(snr > 0, clipped / torch.where(snr > 0, snr, torch.ones_like(snr)), torch.ones_like(snr))
-
-
-def prediction_loss(unet, noise_scheduler, latents, noise, timesteps, encoder_hidden_states, added_cond_kwargs,
-                    weight_dtype, mask=None, snr_gamma=None):
-    """MSE between the UNet's prediction and the scheduler's target (the noise for epsilon models, the
-    velocity for v_prediction models), computed in fp32; weighted per latent pixel when mask is given.
-    With snr_gamma (--snr_gamma) each example's MSE is weighted by its min-SNR-gamma weight before the mean
-    over examples, as in diffusers' train_text_to_image.py."""
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps).to(dtype=weight_dtype)
-    if added_cond_kwargs is not None:
-        added_cond_kwargs = {k: v.to(dtype=weight_dtype) for k, v in added_cond_kwargs.items()}
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states.to(dtype=weight_dtype),
-                      added_cond_kwargs=added_cond_kwargs).sample
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    if mask is None and snr_gamma is None:  # diffusers' loss, computed exactly as there
-        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    if mask is not None:
-        per_example = masked_mse_per_example(model_pred, target, mask)
-    else:
-        per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-        per_example = per_example.mean(dim=list(range(1, per_example.ndim)))
-    if snr_gamma is not None:
-        per_example = per_example * min_snr_weights(noise_scheduler, timesteps, snr_gamma)
-    return per_example.mean()
-
-
-def batch_loss(models, batch, weight_dtype, snr_gamma=None):
-    """The loss of one device micro-batch (see device_batch) for either family."""
-    latents, noise, timesteps, ids, time_ids, mask = batch
-    if models.family == "sdxl":
-        hidden, added = sdxl_conditioning(models.text_encoders, ids, time_ids)
-    else:
-        hidden, added = models.text_encoders[0](ids[0])[0], None
-    return prediction_loss(models.unet, models.noise_scheduler, latents, noise, timesteps, hidden, added, weight_dtype,
-                           mask, snr_gamma)
-
-
-def device_batch(batch, micro, prompt_ids, timestep_range, scaling_factor, device, noise_offset=0.0):
-    """Micro-batch `micro` of a core host_batch as tensors: (latents, noise, timesteps, input_ids per
-    tokenizer, SDXL time_ids or None, loss mask or None). prompt_ids: one [num_prompts, 77] tensor per tokenizer.
-    The latent shape is the batch's own (with buckets, its bucket's). timestep_range: (low, high), timesteps
-    uniform in [low, high).
-
-    Each example's posterior sample, noise and timestep come from its own generator (seeded by its
-    global index), so they do not depend on how examples are split over processes. With noise_offset
-    (--noise_offset) the noise of each example gets noise_offset x randn(channels, 1, 1), drawn after those
-    from the same generator (the draws before it are unchanged)."""
-    low, high = timestep_range
-    latent_shape = tuple(batch["mean"].shape[2:])
-    draws = [torch.Generator().manual_seed(int(s)) for s in batch["noise_seed"][micro]]
-    eps = torch.stack([torch.randn(latent_shape, generator=g) for g in draws])
-    noise = torch.stack([torch.randn(latent_shape, generator=g) for g in draws])
-    timesteps = torch.cat([torch.randint(low, high, (1,), generator=g) for g in draws])
-    if noise_offset:
-        offsets = torch.stack([torch.randn((latent_shape[0], 1, 1), generator=g) for g in draws])
-        noise = noise + noise_offset * offsets
-    mean, std = torch.from_numpy(batch["mean"][micro]), torch.from_numpy(batch["std"][micro])
-    latents = (mean + std * eps) * scaling_factor
-    rows = torch.from_numpy(batch["prompt"][micro])
-    ids = [table[rows].to(device) for table in prompt_ids]
-    time_ids = torch.from_numpy(batch["time_ids"][micro]).to(device) if len(prompt_ids) > 1 else None
-    mask = torch.from_numpy(batch["mask"][micro]).to(device) if "mask" in batch else None
-    return latents.to(device), noise.to(device), timesteps.to(device), ids, time_ids, mask
-
-
-def held_out_loss(accelerator, models, weight_dtype, scaling_factor, device):
-    """loss_of(batch, prompt_ids) -> float for textual_inversion_core.validation: the plain loss (batch_loss, no
-    min-SNR weights, no noise offset) of a held-out batch with the current vectors, under the run's autocast. The
-    posterior sample and noise are the example's keyed draws (device_batch); the timestep is the batch's fixed one."""
+def held_out_loss(accelerator, family, models, weight_dtype, device):
+    """loss_of(batch, prompt_ids) -> float for textual_inversion_core.validation: the plain loss (the family's
+    batch_loss, no min-SNR weights, no noise offset) of a held-out batch with the current vectors, under the run's
+    autocast. The posterior sample and noise are the example's keyed draws; the timestep is the batch's fixed one
+    (family.held_out_batch)."""
 
     def loss_of(batch, prompt_ids):
         tables = [torch.from_numpy(ids) for ids in prompt_ids]
-        latents, noise, _, ids, time_ids, mask = device_batch(batch, 0, tables, (0, 1), scaling_factor, device)
-        timesteps = torch.from_numpy(batch["timestep"][0]).to(device)
+        micro = family.held_out_batch(batch, tables, models, device)
         with torch.no_grad(), accelerator.autocast():
-            return float(batch_loss(models, (latents, noise, timesteps, ids, time_ids, mask), weight_dtype))
+            return float(family.batch_loss(models, micro, weight_dtype))
 
     return loss_of
 
@@ -305,14 +178,13 @@ def train_step(accelerator, models, optimizer, vector_sets, micro_batches, lr, w
     process x N*B. controls (textual_inversion_core.controls.Controls): --snr_gamma weights the loss, and the
     norm control (--preserve_embedding_norm to norm_targets, one [num_vectors] array per set, or
     --max_embedding_norm) rescales the vectors after the optimizer's update."""
-    snr_gamma = controls.snr_gamma if controls is not None else None
     for group in optimizer.param_groups:
         group["lr"] = lr
     count = len(micro_batches)
     step_loss = torch.zeros((), device=vector_sets[0].device)
     for batch in micro_batches:
         with accelerator.autocast():
-            loss = batch_loss(models, batch, weight_dtype, snr_gamma)
+            loss = models.family.batch_loss(models, batch, weight_dtype, controls)
         accelerator.backward(loss / count)
         step_loss += loss.detach() / count
     if accelerator.num_processes > 1:

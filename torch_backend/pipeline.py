@@ -1,4 +1,4 @@
-"""Sampling validation images and saving the full pipeline (PyTorch), for SD-1.x/2.x and SDXL."""
+"""Sampling validation images and saving the full pipeline (PyTorch), for every family."""
 
 import os
 
@@ -7,21 +7,19 @@ import torch
 
 from textual_inversion_core import plots
 
-from .model import TEXT_ENCODER_FOLDERS, load_text_encoder
-
 
 def pipeline_class(family):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """diffusers' pipeline class of a family (torch_backend.families)."""
+    import diffusers
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return getattr(diffusers, family.spec.pipeline_class)
 
 
 def _components(models):
-    """The pipeline's text side: text_encoder/tokenizer, and for SDXL text_encoder_2/tokenizer_2."""
+    """The pipeline's text side: text_encoder/tokenizer, text_encoder_2/tokenizer_2, ... (a freed encoder is None)."""
     parts = {}
-    for i, (text_encoder, tokenizer) in enumerate(zip(models.text_encoders, models.tokenizers)):
-        suffix = "" if i == 0 else f"_{i + 1}"
-        parts["text_encoder" + suffix], parts["tokenizer" + suffix] = text_encoder, tokenizer
+    for encoder, text_encoder, tokenizer in zip(models.encoders, models.text_encoders, models.tokenizers):
+        parts[encoder.subfolder], parts[encoder.tokenizer] = text_encoder, tokenizer
     return parts
 
 
@@ -30,10 +28,10 @@ def run_validation(args, accelerator, models, step):
     every tracker of the run (TensorBoard, wandb, comet_ml)."""
     from diffusers import DPMSolverMultistepScheduler
 
-    extra = {} if models.family == "sdxl" else dict(safety_checker=None, feature_extractor=None,
-                                                    requires_safety_checker=False)
+    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) \
+        if models.family.spec.name == "sd" else {}
     pipeline = pipeline_class(models.family)(
-        vae=models.vae, unet=models.unet, scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
+        vae=models.vae, unet=models.denoiser, scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
         **_components(models), **extra)
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
@@ -63,29 +61,33 @@ def log_validation_images(trackers, images, prompt, step):
 
 
 def save_full_pipeline(args, output_dir, models, learned_vectors, placeholder_id_sets):
-    """The whole pipeline in fp32 with the extended tokenizer(s) and text encoder(s).
+    """The whole pipeline in fp32 with the extended tokenizer(s) and text encoder(s) of the trained encoders.
 
     Every weight but the learned rows comes from the model's own files in fp32 (not from the
-    training copies, which --mixed_precision rounded), so the saved UNet/VAE are the originals.
-    learned_vectors: one array (SD-1.x/2.x) or {"clip_l", "clip_g"} (SDXL)."""
+    training copies, which --mixed_precision rounded), so the saved denoiser/VAE are the originals.
+    learned_vectors: what the family's output_vectors gave (one array for SD-1.x/2.x, else {file key: array});
+    placeholder_id_sets: the placeholder ids of each trained encoder."""
     from textual_inversion_core.hf_layout import add_text_model_prefix, move_into
 
+    family = models.family
     vector_sets = [learned_vectors] if not isinstance(learned_vectors, dict) else \
-        [learned_vectors["clip_l"], learned_vectors["clip_g"]]
+        [learned_vectors[family.spec.encoders[i].file_key] for i in family.trained]
     parts = {}
-    for i, folder in enumerate(TEXT_ENCODER_FOLDERS[models.family]):
-        text_encoder = load_text_encoder(args, folder).to(torch.float32)  # a --variant fp16 file is upcast exactly
-        text_encoder.resize_token_embeddings(len(models.tokenizers[i]), mean_resizing=False)
+    for n, i in enumerate(family.trained):
+        encoder = family.spec.encoders[i]
+        text_encoder = family.load_text_encoder(i).to(torch.float32)  # a --variant fp16 file is upcast exactly
+        rows = max(len(models.tokenizers[i]), text_encoder.get_input_embeddings().weight.shape[0])
+        text_encoder.resize_token_embeddings(rows, mean_resizing=False)
         with torch.no_grad():
-            text_encoder.get_input_embeddings().weight[placeholder_id_sets[i]] = torch.from_numpy(
-                np.asarray(vector_sets[i], np.float32))
-        suffix = "" if i == 0 else f"_{i + 1}"
-        parts["text_encoder" + suffix], parts["tokenizer" + suffix] = text_encoder, models.tokenizers[i]
-    pipeline = pipeline_class(models.family).from_pretrained(
+            text_encoder.get_input_embeddings().weight[placeholder_id_sets[n]] = torch.from_numpy(
+                np.asarray(vector_sets[n], np.float32))
+        parts[encoder.subfolder], parts[encoder.tokenizer] = text_encoder, models.tokenizers[i]
+    pipeline = pipeline_class(family).from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=torch.float32,
         **parts)
     staging = os.path.join(output_dir, ".tmp-pipeline")
     pipeline.save_pretrained(staging)
-    for folder in TEXT_ENCODER_FOLDERS[models.family]:
-        add_text_model_prefix(os.path.join(staging, folder))
+    for encoder in family.spec.encoders:
+        if encoder.kind == "clip":
+            add_text_model_prefix(os.path.join(staging, encoder.subfolder))
     move_into(staging, output_dir)

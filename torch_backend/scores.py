@@ -54,10 +54,10 @@ def make_sampler(models, resolution, num_inference_steps, autocast=None):
 
     from .pipeline import _components, pipeline_class
 
-    extra = {} if models.family == "sdxl" else dict(safety_checker=None, feature_extractor=None,
-                                                    requires_safety_checker=False)
+    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) \
+        if models.family.spec.name == "sd" else {}
     pipeline = pipeline_class(models.family)(
-        vae=models.vae, unet=models.unet, scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
+        vae=models.vae, unet=models.denoiser, scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
         **_components(models), **extra)
     pipeline.set_progress_bar_config(disable=True)
 
@@ -102,11 +102,15 @@ def load_scoring_models(settings, vectors):
     from textual_inversion_core.data import placeholder_tokens_for
     from textual_inversion_core.tokens import placeholder_string
 
-    from .model import insert_placeholder_embedding, load_models
+    from . import families
+    from .model import insert_placeholder_embedding
 
-    models = load_models(argparse.Namespace(pretrained_model_name_or_path=settings.pretrained_model_name_or_path,
-                                            revision=settings.revision, variant=settings.variant, tokenizer_name=None))
-    vector_sets = [vectors["clip_l"], vectors["clip_g"]] if isinstance(vectors, dict) else [vectors]
+    family = families.select(argparse.Namespace(
+        pretrained_model_name_or_path=settings.pretrained_model_name_or_path, revision=settings.revision,
+        variant=settings.variant, tokenizer_name=None))
+    models = family.load_text_side(family.load_tokenizers())
+    family.load_image_side(models)
+    vector_sets = [vectors[e.file_key] for e in models.encoders] if isinstance(vectors, dict) else [vectors]
     if len(vector_sets) != len(models.text_encoders):
         raise UserError(f"the saved vectors have {len(vector_sets)} set(s), the model {len(models.text_encoders)} text "
                         "encoder(s); pass the --pretrained_model_name_or_path the run trained on")
@@ -118,5 +122,5 @@ def load_scoring_models(settings, vectors):
         insert_placeholder_embedding(text_encoder, len(tokenizer), ids, start)
         text_encoder.eval()
         texts.append(placeholder_string(tokenizer, ids))
-    models.unet.eval()
+    models.denoiser.eval()
     return models, texts[0]
