@@ -5,6 +5,7 @@ from helpers import (
     REPO,
     TORCH_SCRIPT,
     base_args,
+    no_model_loading,
     run_script,
     tiny_clip,
     tiny_flux_pipeline,
@@ -17,8 +18,8 @@ from helpers import (
 
 # Test modules may still import these from conftest; TRAIN_SCRIPT is the PyTorch trainer.
 TRAIN_SCRIPT = TORCH_SCRIPT
-__all__ = ["REPO", "TRAIN_SCRIPT", "base_args", "run_script", "tiny_clip", "tiny_flux_pipeline", "tiny_pipeline",
-           "tiny_sd3_pipeline", "tiny_sdxl_pipeline", "train_images", "write_images"]
+__all__ = ["REPO", "TRAIN_SCRIPT", "base_args", "no_model_loading", "run_script", "tiny_clip", "tiny_flux_pipeline",
+           "tiny_pipeline", "tiny_sd3_pipeline", "tiny_sdxl_pipeline", "train_images", "write_images"]
 
 
 def pytest_configure(config):

@@ -227,6 +227,18 @@ def write_images(folder, count=4, size=(80, 96), seed=0):
 # Session fixtures of both suites; each conftest.py imports them so that pytest finds them.
 
 
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails the test if the PyTorch trainer gets as far as loading a model (a refusal must come before)."""
+    from torch_backend.families.base import Family
+
+    def refuse(self, *args):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(Family, "load_text_encoder", refuse)
+    monkeypatch.setattr(Family, "load_image_side", refuse)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """A random-weight tiny SD pipeline folder with the real CLIP vocabulary (built once per session)."""

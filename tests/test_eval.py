@@ -191,9 +191,8 @@ def test_bad_validation_flags(tiny_pipeline, train_images, tmp_path, capsys, ove
     refusal(bad_args(tiny_pipeline, train_images, str(tmp_path / "out"), **overrides), capsys, *needles)
 
 
-def test_validation_split_that_leaves_no_training_image(tiny_pipeline, tmp_path, capsys, monkeypatch):
+def test_validation_split_that_leaves_no_training_image(tiny_pipeline, tmp_path, capsys, no_model_loading):
     data = write_images(tmp_path / "one", count=1)
-    monkeypatch.setattr("torch_backend.families.base.Family.load_text_side", lambda *a: pytest.fail("a model was loaded"))
     refusal(bad_args(tiny_pipeline, data, str(tmp_path / "out"), validation_split=0.5), capsys,
             "--validation_split 0.5 of 1 image(s) leaves no training image")
 

@@ -216,17 +216,6 @@ def test_t5_is_not_resident_during_the_loop_unless_trained(tiny_flux_pipeline, t
 # ------------------------------------------------------------------ refusals, one line each, before models load
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    from torch_backend.families.base import Family
-
-    def refuse(self, *args):
-        raise AssertionError("a model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(Family, "load_text_encoder", refuse)
-    monkeypatch.setattr(Family, "load_image_side", refuse)
-
-
 def refused(argv):
     import textual_inversion
 

@@ -150,18 +150,6 @@ def test_8bit_adam_without_bitsandbytes_or_cuda_is_one_line(tiny_sdxl_pipeline, 
     assert last.startswith("textual_inversion_sdxl.py: error: --use_8bit_adam needs"), last
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fails the test if the trainer gets as far as loading a model."""
-    from torch_backend.families.base import Family
-
-    def refuse(self, *args):
-        raise AssertionError("a model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(Family, "load_text_encoder", refuse)
-    monkeypatch.setattr(Family, "load_image_side", refuse)
-
-
 def test_embedding_of_the_other_family_is_refused_before_any_model_loads(sdxl_runs, tiny_pipeline, tiny_sdxl_pipeline,
                                                                          train_images, tmp_path, no_model_loading):
     import textual_inversion

@@ -194,17 +194,6 @@ def test_help_says_whose_flag_each_control_is():
     assert helps["--max_embedding_norm"].startswith("(ours)")
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    from torch_backend.families.base import Family
-
-    def refuse(self, *args):
-        raise AssertionError("a model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(Family, "load_text_encoder", refuse)
-    monkeypatch.setattr(Family, "load_image_side", refuse)
-
-
 @pytest.mark.parametrize("flags, needle", [
     (dict(min_timestep=500, max_timestep=100), "--min_timestep 500 must be below --max_timestep 100"),
     (dict(min_timestep=-1), "--min_timestep must be 0 or more, got -1"),

@@ -6,12 +6,11 @@ Without any of the flags every control is off and the trainers run exactly the c
 """
 
 import dataclasses
-import json
 import math
-import os
 
 import numpy as np
 
+from . import model_files
 from .errors import UserError
 
 NORM_MODES = ("preserve", "cap")
@@ -73,21 +72,12 @@ def check_timestep_range(min_timestep, max_timestep, num_train_timesteps=None):
 def scheduler_timesteps(name_or_path, revision=None):
     """num_train_timesteps of the model's scheduler/scheduler_config.json (a local folder or the Hub cache) without
     loading anything; None when it cannot be told yet (the trainer checks again once the scheduler is loaded)."""
-    path = os.path.join(str(name_or_path), "scheduler", "scheduler_config.json")
-    if not os.path.isdir(str(name_or_path)):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            path = try_to_load_from_cache(str(name_or_path), "scheduler/scheduler_config.json", revision=revision)
-        except Exception:  # not a repo id, no cache
-            return None
-    if not (isinstance(path, str) and os.path.isfile(path)):
+    config = model_files.read_json(name_or_path, "scheduler/scheduler_config.json", revision)
+    if config is None:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f).get("num_train_timesteps", 1000)
-        return int(value)
-    except (OSError, ValueError, TypeError, AttributeError):
+        return int(config.get("num_train_timesteps", 1000))
+    except (ValueError, TypeError):
         return None
 
 

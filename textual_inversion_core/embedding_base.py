@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from . import families
+from . import families, model_files
 from .errors import UserError
 
 DIFFUSERS_BIN = "learned_embeds.bin"
@@ -103,22 +103,8 @@ def _text_encoder_weight_names(variant):
 
 def _text_encoder_weight_files(name_or_path, revision=None, variant=None):
     """Paths of the base model's text-encoder weights on this machine (a local folder, or the Hub cache), or []."""
-    if is_local_model(name_or_path):
-        def locate(name):
-            path = os.path.join(str(name_or_path), "text_encoder", name)
-            return path if os.path.isfile(path) else None
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return []
-
-        def locate(name):
-            try:
-                found = try_to_load_from_cache(str(name_or_path), f"text_encoder/{name}", revision=revision)
-            except Exception:  # not a valid repo id, unreadable cache: there is just no hash to give
-                return None
-            return found if isinstance(found, str) and os.path.isfile(found) else None
+    def locate(name):
+        return model_files.local_file(name_or_path, f"text_encoder/{name}", revision)
 
     for name in _text_encoder_weight_names(variant):
         path = locate(name)

@@ -5,13 +5,12 @@ Pickle-based files are read with torch.load(weights_only=True).
 """
 
 import dataclasses
-import json
 import os
 from typing import Optional
 
 import numpy as np
 
-from . import families
+from . import families, model_files
 from .embedding_base import (
     _DIFFUSERS_NAME,
     _DIFFUSERS_SET_NAME,
@@ -22,7 +21,6 @@ from .embedding_base import (
     SDXL_PARTS,
     T5_KEYS,
     _torch,
-    is_local_model,
 )
 from .errors import UserError
 
@@ -422,23 +420,13 @@ def text_encoder_widths(name_or_path, family, revision=None):
     "flux"; None when a config is not on this machine (a local folder, or the Hub cache)."""
     widths = []
     for folder in (encoder.subfolder for encoder in families.get(family).encoders):
-        if is_local_model(name_or_path):
-            path = os.path.join(str(name_or_path), folder, "config.json")
-        else:
-            try:
-                from huggingface_hub import try_to_load_from_cache
-
-                path = try_to_load_from_cache(str(name_or_path), f"{folder}/config.json", revision=revision)
-            except Exception:  # not a repo id, no cache: the width is checked once the model is loaded
-                return None
-        if not isinstance(path, str) or not os.path.isfile(path):
+        config = model_files.read_json(name_or_path, f"{folder}/config.json", revision)
+        if config is None:  # not on this machine yet: the width is checked once the model is loaded
             return None
         try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
             config = config.get("text_config", config)
             widths.append(int(config["hidden_size"] if "hidden_size" in config else config["d_model"]))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
     return tuple(widths)
 

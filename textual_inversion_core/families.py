@@ -6,9 +6,10 @@ the components it lists as the fallback, so that a renamed or custom pipeline cl
 """
 
 import dataclasses
-import json
 import os
 from typing import Optional, Tuple
+
+from . import model_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,20 +124,11 @@ def family_of(name_or_path, revision=None) -> Optional[FamilySpec]:
     model. A local folder without model_index.json is SDXL when it has text_encoder_2/, else SD. None when this cannot
     be told yet (a hub id not in the cache): the trainer then decides once the model is loaded."""
     name = str(name_or_path)
-    path = os.path.join(name, "model_index.json")
-    if not os.path.isdir(name):
+    if model_files.local_file(name, "model_index.json", revision) is not None:
+        index = model_files.read_json(name, "model_index.json", revision)
         try:
-            from huggingface_hub import try_to_load_from_cache
-
-            path = try_to_load_from_cache(name, "model_index.json", revision=revision)
-        except Exception:  # not a repo id, no cache
-            return None
-    if isinstance(path, str) and os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                index = json.load(f)
-            return family_from_index(index)
-        except (OSError, ValueError, AttributeError):
+            return family_from_index(index) if index is not None else None
+        except (ValueError, AttributeError):
             return None
     if os.path.isdir(name):
         return _family_from_folders(name)

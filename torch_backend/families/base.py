@@ -8,6 +8,7 @@ import os
 import torch
 
 from textual_inversion_core import families as core_families
+from textual_inversion_core import model_files
 from textual_inversion_core.errors import UserError
 
 from ..model import verify_text_encoder_loaded
@@ -192,24 +193,7 @@ class Family:
 def read_config(name_or_path, subfolder, revision=None):
     """A part's config.json (a local folder or the Hub cache) as a dict, without loading anything; None when it is
     not on this machine yet (the family checks the loaded model then)."""
-    import json
-
-    path = os.path.join(str(name_or_path), subfolder, "config.json")
-    if not os.path.isdir(str(name_or_path)):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            path = try_to_load_from_cache(str(name_or_path), f"{subfolder}/config.json", revision=revision)
-        except Exception:  # not a repo id, no cache
-            return None
-    if not (isinstance(path, str) and os.path.isfile(path)):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) else None
+    return model_files.read_json(name_or_path, f"{subfolder}/config.json", revision)
 
 
 class DDPMFamily(Family):
