@@ -176,11 +176,20 @@ def main(argv=None):
     parser.add_argument("--snapshot_every", type=int, default=0,
                         help="also save the EMA weights every N steps to SNAPSHOT_DIR/step-N (to see what longer training buys)")
     parser.add_argument("--snapshot_dir", default=None)
+    parser.add_argument("--measure_only", action="store_true",
+                        help="only measure the pipeline already in OUT_DIR (e.g. a snapshot) into its pretraining.json")
     args = parser.parse_args(argv)
     if args.snapshot_every and not args.snapshot_dir:
         parser.error("--snapshot_every needs --snapshot_dir")
 
     import torch
+
+    if args.measure_only:
+        torch.set_num_threads(args.threads)
+        with open(os.path.join(args.out_dir, "pretraining.json")) as f:
+            report = json.load(f)
+        write_measurements(args.out_dir, report, print)
+        return
 
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -231,14 +240,20 @@ def main(argv=None):
                       diffusion_loss_per_200_steps=block_means)
         world.save(args.out_dir, {"pretraining.json": json.dumps(report, indent=2) + "\n"})
     # Measured after saving: the numbers describe the fp16 folder users get, not the fp32 weights in memory.
-    report.update(measure_saved_pipeline(args.out_dir, log))
-    report["measure_seconds"] = round(time.time() - started - report["total_seconds"], 1)
+    write_measurements(args.out_dir, report, log)
+
+
+def write_measurements(folder, report, log):
+    """Measure the saved pipeline in folder and write report plus the measurements to its pretraining.json."""
     from textual_inversion_core.atomic import atomic_path
 
-    with atomic_path(os.path.join(args.out_dir, "pretraining.json")) as tmp:
+    measure_started = time.time()
+    report.update(measure_saved_pipeline(folder, log))
+    report["measure_seconds"] = round(time.time() - measure_started, 1)
+    with atomic_path(os.path.join(folder, "pretraining.json")) as tmp:
         with open(tmp, "w") as f:
             f.write(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {args.out_dir}: {json.dumps(report)}")
+    log(f"wrote {folder}: {json.dumps(report)}")
 
 
 if __name__ == "__main__":
