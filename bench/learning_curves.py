@@ -47,6 +47,7 @@ README_MD = os.path.join(ROOT, "README.md")
 README_BEGIN = "<!-- learning curves: begin (written by bench/learning_curves.py) -->"
 README_END = "<!-- learning curves: end -->"
 ASSET = os.path.join(ROOT, "tests", "assets", "shapes-sd")
+FLOW_ASSET = os.path.join(ROOT, "tests", "assets", "shapes-sd3")
 TORCH_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 FLAX_PYTHON = os.path.join(ROOT, ".venv-flax", "bin", "python")
 TRAINERS = {
@@ -74,6 +75,13 @@ SETTINGS = {
     # The candidate fast recipe: the two settings that moved the development concept earliest, together.
     "lr-0.02+timesteps-200-1000": ["--learning_rate=0.02", "--min_timestep=200"],
 }
+# On the flow (SD3) shapes model, tests/assets/shapes-sd3, with shapes.FLOW_RECIPE, PyTorch only (the Flax trainer has
+# no SD3): the token in the CLIP encoders only, and in T5 too. The pair of rows answers "what is T5 worth".
+FLOW_SETTINGS = {
+    "sd3": [],
+    "sd3+t5": ["--enable_t5_ti"],
+}
+SETTINGS.update(FLOW_SETTINGS)
 FAST_RECIPE = "lr-0.02+timesteps-200-1000"  # README "Fast recipe"
 SEEDS = (1, 2, 3)
 CONTROL_SEEDS = (1, 2)
@@ -84,7 +92,7 @@ def planned_runs(seeds=None):
     out = []
     for setting in SETTINGS:
         trainers, chosen = (TRAINERS, SEEDS) if setting == "default" else (("torch",), CONTROL_SEEDS)
-        if setting == FAST_RECIPE:  # the recommendation gets the default's seeds too
+        if setting == FAST_RECIPE or setting in FLOW_SETTINGS:  # the recommendation and the flow rows: every seed
             chosen = SEEDS
         for trainer in trainers:
             for concept in CONCEPTS:
@@ -104,12 +112,18 @@ def run_name(setting, trainer, concept, seed):
     return f"{setting}/{trainer}/{concept}/seed{seed}"
 
 
-def trainer_command(trainer, data_dir, out_dir, seed, extra):
+def model_of(setting):
+    """(pipeline folder, recipe) a setting trains with: the flow model for FLOW_SETTINGS, else the SD one."""
+    return (FLOW_ASSET, shapes.FLOW_RECIPE) if setting in FLOW_SETTINGS else (ASSET, shapes.RECIPE)
+
+
+def trainer_command(trainer, data_dir, out_dir, seed, setting):
     python, script = TRAINERS[trainer]
-    options = dict(shapes.RECIPE, pretrained_model_name_or_path=ASSET, train_data_dir=data_dir, output_dir=out_dir,
+    asset, recipe = model_of(setting)
+    options = dict(recipe, pretrained_model_name_or_path=asset, train_data_dir=data_dir, output_dir=out_dir,
                    placeholder_token=TOKEN, max_train_steps=MAX_STEPS, save_steps=SAVE_EVERY, seed=seed,
                    checkpointing_steps=0, report_to="none", export_formats="diffusers")
-    return [python, script] + [f"--{key}={value}" for key, value in options.items()] + list(extra)
+    return [python, script] + [f"--{key}={value}" for key, value in options.items()] + list(SETTINGS[setting])
 
 
 def one_thread_env(trainer):
@@ -145,7 +159,7 @@ def train_and_measure(setting, trainer, concept, seed):
     out_dir = os.path.join(WORK, "runs", name.replace("/", "-"))
     log_path = os.path.join(WORK, "logs", name.replace("/", "-") + ".log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    command = trainer_command(trainer, data_dir, out_dir, seed, SETTINGS[setting])
+    command = trainer_command(trainer, data_dir, out_dir, seed, setting)
     print(f"[learning] {name}: training ({loadavg()})", flush=True)
     started, cpu_before = time.time(), cpu_seconds_of_children()
     with open(log_path, "w") as log:
@@ -161,7 +175,8 @@ def train_and_measure(setting, trainer, concept, seed):
         return result
     print(f"[learning] {name}: measuring {len(files)} embeddings", flush=True)
     started, cpu_before = time.time(), cpu_seconds_of_children()
-    measured = subprocess.run([TORCH_PYTHON, os.path.join(ROOT, "tools", "shapes.py"), "measure", "--pipeline", ASSET,
+    measured = subprocess.run([TORCH_PYTHON, os.path.join(ROOT, "tools", "shapes.py"), "measure", "--pipeline",
+                               model_of(setting)[0],
                                "--token", TOKEN, "--concept", " ".join(CONCEPTS[concept]), *files],
                               cwd=ROOT, env=one_thread_env("torch"), capture_output=True, text=True)
     if measured.returncode != 0:
@@ -234,6 +249,8 @@ def headline_lines(runs):
         cells += [rate_cell(grouped[(setting, trainer, c)]) if (setting, trainer, c) in grouped else "–"
                   for c in CONCEPTS]
         flags = " ".join(SETTINGS.get(setting, [])) or "recipe"
+        if setting in FLOW_SETTINGS:
+            flags = " ".join([f"shapes-sd3 --max_sequence_length={shapes.FLOW_MAX_SEQUENCE_LENGTH}"] + SETTINGS[setting])
         out.append(f"| {setting} (`{flags}`) | {TRAINER_LABEL[trainer]} | " + " | ".join(cells) + " |")
     return out
 
@@ -278,7 +295,9 @@ def write_markdown(data):
            f"saved embedding is measured by `tools/shapes.py measure`: the judged rate is the fraction of "
            f"{shapes.GENERATED} samples (DDIM 20 steps, guidance 4, the same seeds for every row) the judge reads as "
            "the concept; the loss margin is the initializer prompt's concept loss minus the token prompt's, on the "
-           "same 48 fresh images, noise and timesteps.", ""]
+           "same 48 fresh images, noise and timesteps. The sd3 rows train on the flow-matching shapes model "
+           "`tests/assets/shapes-sd3` instead (its own Euler sampler, 20 steps, guidance 4; the loss is the velocity "
+           "MSE), PyTorch only.", ""]
     out += headline_lines(runs) + curve_lines(runs)
     out += ["", "![judged rate and loss margin against training steps](learning_curves.png)", ""]
     with atomic_path(RESULTS_MD) as tmp:

@@ -29,15 +29,18 @@ TRAINER_SEED = 1234
 BROKEN_LEARNING_RATE = 1e-9  # a valid flag value under which the vector cannot move measurably
 
 
-def train(tmp_path, **overrides):
+def train(tmp_path, asset=ASSET, recipe=None, **overrides):
+    """textual_inversion.py on five images of DEV_CONCEPT with the recipe (default shapes.RECIPE) plus overrides;
+    returns the saved learned_embeds.safetensors."""
     from tools import shapes
 
     data = shapes.write_concept_images(tmp_path / "images", shapes.DEV_CONCEPT)
     out = str(tmp_path / "out")
-    options = dict(shapes.RECIPE, placeholder_token=TOKEN, max_train_steps=TRAIN_STEPS, seed=TRAINER_SEED,
-                   export_formats="diffusers", **overrides)
+    options = dict(recipe or shapes.RECIPE, placeholder_token=TOKEN, max_train_steps=TRAIN_STEPS, seed=TRAINER_SEED,
+                   export_formats="diffusers")
+    options.update(overrides)
     # One thread: these kernels are tiny, and it is the configuration the thresholds were measured in.
-    result = run_script(base_args(ASSET, data, out, **options), env={"OMP_NUM_THREADS": "1"})
+    result = run_script(base_args(asset, data, out, **options), env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return os.path.join(out, "learned_embeds.safetensors")
 
@@ -54,11 +57,11 @@ def one_torch_thread():
         torch.set_num_threads(before)
 
 
-def measure(embedding_file):
+def measure(embedding_file, asset=ASSET):
     from tools import shapes
 
     with one_torch_thread():
-        numbers = shapes.measure_embeddings(ASSET, [embedding_file], TOKEN, shapes.DEV_CONCEPT)[embedding_file]
+        numbers = shapes.measure_embeddings(asset, [embedding_file], TOKEN, shapes.DEV_CONCEPT)[embedding_file]
     print("measured:", numbers)
     return numbers
 
