@@ -324,12 +324,45 @@ HOSTS_TOLERANCE = 2e-6
 HOSTS_RELATIVE_TOLERANCE = 1e-4
 
 
-def test_two_hosts_equal_one_host(runs, tiny_pipeline, train_images, tmp_path):
+# Runs the trainer with jax's shutdown barrier cut to 3 s and process 0's final save slowed by 12 s: without a
+# barrier of our own after that save, process 1 reaches the shutdown barrier first and jax aborts both.
+SLOW_FINAL_SAVE = r'''
+import functools, os, runpy, sys, time
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))
+import jax
+import textual_inversion_core.outputs as outputs
+
+initialize = jax.distributed.initialize
+jax.distributed.initialize = functools.partial(initialize, shutdown_timeout_seconds=3)
+finish_run = outputs.finish_run
+
+def slow_finish_run(*args, **kwargs):
+    time.sleep(12)
+    return finish_run(*args, **kwargs)
+
+outputs.finish_run = slow_finish_run
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tiny_pipeline, train_images, tmp_path_factory):
+    """One 2-process run (batch 1 each), through SLOW_FINAL_SAVE: the tests below read its vectors, its folders and
+    its exit codes (one run instead of two: a 2-process run compiles cold, jax's cache cannot serve gloo programs)."""
+    root = tmp_path_factory.mktemp("flax-two-hosts")
+    wrapper = root / "slow_final_save.py"
+    wrapper.write_text(SLOW_FINAL_SAVE)
+    outs = [str(root / f"host{i}") for i in range(2)]
+    argvs = [[FLAX_SCRIPT] + flax_base_args(tiny_pipeline, train_images, out, train_batch_size=1) for out in outs]
+    return outs, run_jax_hosts(argvs, root, timeout=420, script=str(wrapper))
+
+
+def test_two_hosts_equal_one_host(runs, two_hosts):
     """Two JAX processes split every global batch: the result equals one process with the same global batch, and
     only process 0 writes files; process 1 does not even create its output folder."""
-    outs = [str(tmp_path / f"host{i}") for i in range(2)]
-    results = run_jax_hosts([flax_base_args(tiny_pipeline, train_images, out, train_batch_size=1) for out in outs],
-                            tmp_path, timeout=420)
+    outs, results = two_hosts
     for code, stderr in results:
         assert code == 0, stderr[-3000:]
     assert "hosts = 2, devices = 2 (local 1)" in results[0][1]
@@ -338,6 +371,13 @@ def test_two_hosts_equal_one_host(runs, tiny_pipeline, train_images, tmp_path):
     reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
     print(f"2 JAX processes vs 1: max |diff| = {np.abs(vectors - reference).max():.3g}")
     np.testing.assert_allclose(vectors, reference, rtol=0, atol=HOSTS_TOLERANCE)
+
+
+def test_two_hosts_outlast_jax_shutdown_barrier_while_process_0_saves(two_hosts):
+    outs, results = two_hosts
+    for code, stderr in results:
+        assert code == 0, stderr[-3000:]
+    assert os.path.isfile(os.path.join(outs[0], "learned_embeds.safetensors"))
 
 
 def test_two_hosts_resume_from_a_checkpoint_only_process_0_has(runs, tiny_pipeline, train_images, tmp_path):
@@ -375,40 +415,6 @@ def test_a_file_missing_on_one_host_stops_every_host_in_one_line(runs, tiny_pipe
         assert code == 2 and len(errors) == 1, stderr[-3000:]
         assert "process 1 of 2: --init_from" in errors[0] and "not-on-host-1" in errors[0], errors
         assert "Traceback" not in stderr
-
-
-# Runs the trainer with jax's shutdown barrier cut to 3 s and process 0's final save slowed by 12 s: without a
-# barrier of our own after that save, process 1 reaches the shutdown barrier first and jax aborts both.
-SLOW_FINAL_SAVE = r'''
-import functools, os, runpy, sys, time
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(script))
-import jax
-import textual_inversion_core.outputs as outputs
-
-initialize = jax.distributed.initialize
-jax.distributed.initialize = functools.partial(initialize, shutdown_timeout_seconds=3)
-finish_run = outputs.finish_run
-
-def slow_finish_run(*args, **kwargs):
-    time.sleep(12)
-    return finish_run(*args, **kwargs)
-
-outputs.finish_run = slow_finish_run
-runpy.run_path(script, run_name="__main__")
-'''
-
-
-def test_two_hosts_outlast_jax_shutdown_barrier_while_process_0_saves(tiny_pipeline, train_images, tmp_path):
-    wrapper = tmp_path / "slow_final_save.py"
-    wrapper.write_text(SLOW_FINAL_SAVE)
-    outs = [str(tmp_path / f"host{i}") for i in range(2)]
-    argvs = [[FLAX_SCRIPT] + flax_base_args(tiny_pipeline, train_images, out, max_train_steps=1) for out in outs]
-    results = run_jax_hosts(argvs, tmp_path, timeout=300, script=str(wrapper))
-    for code, stderr in results:
-        assert code == 0, stderr[-3000:]
-    assert os.path.isfile(os.path.join(outs[0], "learned_embeds.safetensors"))
 
 
 def test_push_to_hub_uploads_card_pipeline_and_no_token(tiny_pipeline, train_images, compile_cache, tmp_path,
