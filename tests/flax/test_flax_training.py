@@ -153,15 +153,6 @@ def test_saved_flax_pipeline_loads_and_only_the_new_rows_differ(runs, tiny_pipel
     assert_pipeline_is_the_original_plus_learned_rows(runs["two_devices"], tiny_pipeline)
 
 
-def test_bf16_run_saves_the_pipeline_in_fp32_from_the_original_weights(tiny_pipeline, train_images, compile_cache,
-                                                                        tmp_path):
-    """The frozen weights train in bf16; the saved pipeline must not be those rounded copies."""
-    out = str(tmp_path / "bf16")
-    run_flax(flax_base_args(tiny_pipeline, train_images, out, mixed_precision="bf16", max_train_steps=1,
-                            save_as_full_pipeline=True), cache=compile_cache)
-    assert_pipeline_is_the_original_plus_learned_rows(out, tiny_pipeline)
-
-
 def assert_pipeline_is_the_original_plus_learned_rows(out, tiny_pipeline):
     import jax.numpy as jnp
     from diffusers import FlaxStableDiffusionPipeline
@@ -244,13 +235,27 @@ def test_memory_efficient_attention_trains_the_same_vectors(runs, tiny_pipeline,
     assert config.get("use_memory_efficient_attention", False) is False
 
 
-def test_bf16_schedule_and_scaled_lr(tiny_pipeline, train_images, compile_cache, tmp_path):
-    out = str(tmp_path / "bf16")
+@pytest.fixture(scope="module")
+def bf16_run(tiny_pipeline, train_images, compile_cache, tmp_path_factory):
+    """A bf16 run on 2 devices with accumulation, a cosine schedule, --scale_lr, validation images and a full
+    pipeline save, read by the two tests below."""
+    out = str(tmp_path_factory.mktemp("flax-bf16") / "bf16")
     proc = run_flax(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=1, gradient_accumulation_steps=2,
                                    mixed_precision="bf16", lr_scheduler="cosine", lr_warmup_steps=1, max_train_steps=3,
                                    scale_lr=True, checkpointing_steps=3, validation_prompt="a <cat-toy> toy",
-                                   num_validation_images=2, validation_steps=3),
+                                   num_validation_images=2, validation_steps=3, save_as_full_pipeline=True),
                     devices=2, cache=compile_cache)
+    return out, proc
+
+
+def test_bf16_run_saves_the_pipeline_in_fp32_from_the_original_weights(bf16_run, tiny_pipeline):
+    """The frozen weights train in bf16; the saved pipeline must not be those rounded copies."""
+    out, _ = bf16_run
+    assert_pipeline_is_the_original_plus_learned_rows(out, tiny_pipeline)
+
+
+def test_bf16_schedule_and_scaled_lr(bf16_run, tiny_pipeline):
+    out, proc = bf16_run
     assert "frozen weights bfloat16, learned vectors float32" in proc.stderr
     from PIL import Image
 
