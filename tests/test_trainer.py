@@ -127,19 +127,28 @@ def test_checkpoint_rotation_keeps_the_newest(tiny_pipeline, train_images, tmp_p
     assert state["step"] == 8 and state["seed"] == 1234
 
 
-@pytest.mark.parametrize("resume_as", ["checkpoint-4", "latest"])
-def test_resume_reaches_the_uninterrupted_vectors(tiny_pipeline, train_images, tmp_path, resume_as):
-    common = dict(max_train_steps=8, gradient_accumulation_steps=2, train_batch_size=1, lr_scheduler="linear",
-                  lr_warmup_steps=2, num_vectors=2)
-    full = str(tmp_path / "full")
-    result = run_script(base_args(tiny_pipeline, train_images, full, checkpointing_steps=4, **common))
+RESUME_SETTINGS = dict(max_train_steps=8, gradient_accumulation_steps=2, train_batch_size=1, lr_scheduler="linear",
+                       lr_warmup_steps=2, num_vectors=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_pipeline, train_images, tmp_path_factory):
+    """The run both resume tests below must reach, with a checkpoint after step 4 (trained once for both)."""
+    full = str(tmp_path_factory.mktemp("uninterrupted") / "full")
+    result = run_script(base_args(tiny_pipeline, train_images, full, checkpointing_steps=4, **RESUME_SETTINGS))
     assert result.returncode == 0, result.stderr[-3000:]
+    return full
+
+
+@pytest.mark.parametrize("resume_as", ["checkpoint-4", "latest"])
+def test_resume_reaches_the_uninterrupted_vectors(uninterrupted, tiny_pipeline, train_images, tmp_path, resume_as):
+    full = uninterrupted
     # What an interruption after step 4 leaves behind: checkpoint-4 only, no final files.
     part = str(tmp_path / "part")
     os.makedirs(part)
     shutil.copytree(os.path.join(full, "checkpoint-4"), os.path.join(part, "checkpoint-4"))
     second = run_script(base_args(tiny_pipeline, train_images, part, resume_from_checkpoint=resume_as, seed=None,
-                                  **common))
+                                  **RESUME_SETTINGS))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "at step 4" in second.stderr
     a = read_vectors(os.path.join(full, "learned_embeds.safetensors"))
