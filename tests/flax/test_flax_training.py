@@ -16,7 +16,16 @@ from safetensors.numpy import load_file
 
 import textual_inversion_flax as ti_flax
 from flax_backend.weights import load_component
-from helpers import FLAX_SCRIPT, TORCH_PYTHON, TORCH_SCRIPT, flax_base_args, read_vectors, run_flax, run_torch_python
+from helpers import (
+    FLAX_SCRIPT,
+    TORCH_PYTHON,
+    TORCH_SCRIPT,
+    flax_base_args,
+    read_vectors,
+    run_flax,
+    run_flax_in_process,
+    run_torch_python,
+)
 from textual_inversion_core.cli import flag_names
 
 STEPS = 4
@@ -31,12 +40,12 @@ def runs(tiny_pipeline, train_images, compile_cache, tmp_path_factory):
                             save_steps=2, validation_prompt="a photo of <cat-toy>", num_validation_images=1,
                             validation_steps=STEPS, save_as_full_pipeline=True, report_to="tensorboard"),
              devices=2, cache=compile_cache)
-    run_flax(flax_base_args(tiny_pipeline, train_images, out["one_device"], train_batch_size=2, checkpointing_steps=2,
-                            save_steps=2), devices=1, cache=compile_cache)
+    run_flax_in_process(flax_base_args(tiny_pipeline, train_images, out["one_device"], train_batch_size=2,
+                                       checkpointing_steps=2, save_steps=2), cache=compile_cache)
     os.makedirs(out["resumed"])
     shutil.copytree(os.path.join(out["one_device"], "checkpoint-2"), os.path.join(out["resumed"], "checkpoint-2"))
-    proc = run_flax(flax_base_args(tiny_pipeline, train_images, out["resumed"], train_batch_size=2,
-                                   resume_from_checkpoint="latest"), devices=1, cache=compile_cache)
+    proc = run_flax_in_process(flax_base_args(tiny_pipeline, train_images, out["resumed"], train_batch_size=2,
+                                              resume_from_checkpoint="latest"), cache=compile_cache)
     assert "resumed from" in proc.stderr
     return out
 
@@ -198,8 +207,8 @@ def test_transformers5_pipeline_trains_with_the_real_weights(runs, transformers5
     """The same run on the transformers-5 (unprefixed) copy of the pipeline gives the same vectors: it
     trained with the real text-encoder weights (random ones would give other vectors)."""
     out = str(tmp_path / "transformers5")
-    proc = run_flax(flax_base_args(transformers5_pipeline, train_images, out, train_batch_size=2), devices=1,
-                    cache=compile_cache)
+    proc = run_flax_in_process(flax_base_args(transformers5_pipeline, train_images, out, train_batch_size=2),
+                               cache=compile_cache)
     assert "text_model. prefix added" in proc.stderr
     vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
@@ -209,8 +218,8 @@ def test_transformers5_pipeline_trains_with_the_real_weights(runs, transformers5
 def test_gradient_accumulation_equals_the_larger_batch(runs, tiny_pipeline, train_images, compile_cache, tmp_path):
     """2 micro-batches of 1 draw the same examples as 1 batch of 2 and average the same gradients."""
     out = str(tmp_path / "accumulated")
-    run_flax(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=1, gradient_accumulation_steps=2,
-                            checkpointing_steps=STEPS), devices=1, cache=compile_cache)
+    run_flax_in_process(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=1,
+                                       gradient_accumulation_steps=2, checkpointing_steps=STEPS), cache=compile_cache)
     vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
     np.testing.assert_allclose(vectors, reference, rtol=0, atol=1e-6)
@@ -224,9 +233,9 @@ def test_memory_efficient_attention_trains_the_same_vectors(runs, tiny_pipeline,
     softmax in blocks, recomputed in the backward. The result matches the plain run; the saved pipeline
     keeps the plain config (how attention is computed is not part of the model)."""
     out = str(tmp_path / "chunked-attention")
-    run_flax(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=2, checkpointing_steps=2,
-                            enable_xformers_memory_efficient_attention=True, save_as_full_pipeline=True),
-             devices=1, cache=compile_cache)
+    run_flax_in_process(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=2, checkpointing_steps=2,
+                                       enable_xformers_memory_efficient_attention=True, save_as_full_pipeline=True),
+                        cache=compile_cache)
     vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
     assert not np.array_equal(vectors, read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors")))
@@ -304,8 +313,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tiny_pipeline, train_images, co
     assert 2 <= step < 400
     assert os.path.isfile(os.path.join(out, f"learned_embeds-steps-{step}.safetensors"))
     assert not os.path.exists(os.path.join(out, "learned_embeds.safetensors"))  # the run is not finished
-    proc = run_flax(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=2, max_train_steps=step + 1,
-                                   resume_from_checkpoint="latest"), devices=1, cache=compile_cache)
+    proc = run_flax_in_process(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=2,
+                                              max_train_steps=step + 1, resume_from_checkpoint="latest"),
+                               cache=compile_cache)
     assert f"at step {step}" in proc.stderr
     assert os.path.isfile(os.path.join(out, "learned_embeds.safetensors"))
 
