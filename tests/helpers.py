@@ -103,6 +103,90 @@ def run_script(argv, script=TORCH_SCRIPT, python=sys.executable, env=None, launc
     return result
 
 
+def run_in_process(argv, script=TORCH_SCRIPT, cache=None):
+    """run_script's result (a CompletedProcess: exit code, stderr with the logs, warnings and progress bars) from
+    the trainer's main() in this process, as its command line calls it (run_cli).
+
+    A subprocess imports torch or jax, diffusers and transformers again (several seconds of the 2-core CI machine per
+    run): tests about what a run writes or computes use this; tests about the command line, the script's exit codes,
+    signals or several processes keep run_script. One process: the PyTorch trainers on CPU, or the Flax trainer on
+    this process's devices (1 unless XLA_FLAGS says otherwise) with `cache` as the persistent XLA cache.
+    """
+    import contextlib
+    import io
+    import logging
+    import traceback
+    import warnings
+
+    from textual_inversion_core.errors import run_cli
+
+    argv = [str(a) for a in argv]
+    prog = os.path.basename(script)
+    if script == FLAX_SCRIPT:
+        import jax
+
+        import textual_inversion_flax
+
+        if cache:
+            jax.config.update("jax_compilation_cache_dir", cache)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+        def main():
+            return textual_inversion_flax.main(argv)
+    else:
+        assert script in (TORCH_SCRIPT, os.path.join(REPO, "textual_inversion_sdxl.py")), script
+        from accelerate.state import AcceleratorState, GradientState
+
+        import textual_inversion
+
+        # A fresh process has no accelerate state; a run with another --mixed_precision would refuse the one left here.
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+        def main():
+            return textual_inversion.main(argv, prog=prog)
+    stderr, stdout = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(stderr)  # what logging.basicConfig gives a fresh process (pytest's root has handlers)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root, saved = logging.getLogger(), (logging.getLogger().level, sys.argv, warnings.formatwarning)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    sys.argv = [script] + argv
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout), warnings.catch_warnings():
+            # A fresh interpreter's filters, printing to stderr (pytest would record them instead)
+            warnings.resetwarnings()
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: stderr.write(
+                warnings.formatwarning(message, category, filename, lineno, line))
+            try:
+                code = run_cli(lambda _: main()) or 0
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            except Exception:
+                traceback.print_exc(file=stderr)
+                code = 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        sys.argv, warnings.formatwarning = saved[1], saved[2]
+    return subprocess.CompletedProcess([sys.executable, script] + argv, code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_flax_in_process(argv, cache=None):
+    """run_flax(argv, devices=1, cache) without a new interpreter (run_in_process): fails unless the run ends with 0."""
+    import jax
+
+    assert jax.device_count() == 1, "this process has several JAX devices: use run_flax(..., devices=1)"
+    result = run_in_process(argv, FLAX_SCRIPT, cache=cache)
+    if result.returncode != 0:
+        raise AssertionError(f"textual_inversion_flax.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
 def jax_env(devices=1, cache=None):
     """Variables that give a Flax trainer `devices` CPU devices and, with cache, a persistent XLA cache
     shared by every run of the session (identical steps compile once)."""

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import textual_inversion
-from helpers import REPO, base_args, read_vectors, run_script, write_images
+from helpers import REPO, base_args, read_vectors, run_in_process, run_script, write_images
 from textual_inversion_core.data import load_image
 from textual_inversion_core.errors import UserError
 
@@ -160,7 +160,7 @@ def test_skip_bad_images_trains_on_the_rest_with_a_warning(tiny_pipeline, tmp_pa
     _truncated_jpeg(os.path.join(data, "cut off.jpg"))
     open(os.path.join(data, "broken.png"), "wb").write(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     out = str(tmp_path / "out")
-    result = run_script(base_args(tiny_pipeline, data, out, max_train_steps=1, skip_bad_images=True))
+    result = run_in_process(base_args(tiny_pipeline, data, out, max_train_steps=1, skip_bad_images=True))
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if "skipping unreadable image" in line]
     assert len(warnings) == 2 and any("cut off.jpg" in w for w in warnings) and any("broken.png" in w for w in warnings)
@@ -275,7 +275,7 @@ def test_awkward_valid_folder_trains(tiny_pipeline, tmp_path):
     open(os.path.join(data, "notes.txt"), "w").write("not an image")
     open(os.path.join(data, ".DS_Store"), "wb").write(b"\0\1junk")
     out = str(tmp_path / "sortie ü")
-    result = run_script(base_args(tiny_pipeline, data, out, max_train_steps=3, train_batch_size=4))
+    result = run_in_process(base_args(tiny_pipeline, data, out, max_train_steps=3, train_batch_size=4))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"images = {len(expected) + 1}," in result.stderr
     assert "notes.txt" in result.stderr  # the skipped file is named in a warning
@@ -422,7 +422,7 @@ def test_model_folder_with_damaged_weights(tiny_pipeline, train_images, tmp_path
 def completed_run(tiny_pipeline, train_images, tmp_path_factory):
     """A finished 2-step run with checkpoint-1 and checkpoint-2; tests damage copies of it."""
     out = str(tmp_path_factory.mktemp("completed") / "out")
-    result = run_script(base_args(tiny_pipeline, train_images, out, max_train_steps=2, checkpointing_steps=1))
+    result = run_in_process(base_args(tiny_pipeline, train_images, out, max_train_steps=2, checkpointing_steps=1))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

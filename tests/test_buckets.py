@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from bucket_data import BUCKET_FLAGS, MIXED_IMAGES, write_mixed_folder
-from helpers import base_args, read_vectors, run_script, write_images
+from helpers import base_args, read_vectors, run_in_process, run_script, write_images
 from textual_inversion_core import run
 from textual_inversion_core.cli import parse_args
 from textual_inversion_core.data import CROP_STEP, TextualInversionDataset, bucket_resolutions, load_image, nearest_bucket
@@ -289,7 +289,7 @@ RUN_FLAGS = dict(BUCKET_FLAGS, random_crop=True, alpha_mask=True, caption_extens
 @pytest.fixture(scope="module")
 def single_run(tiny_pipeline, mixed, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("bucket-run") / "single")
-    result = run_script(base_args(tiny_pipeline, mixed, out, train_batch_size=2, checkpointing_steps=2, **RUN_FLAGS))
+    result = run_in_process(base_args(tiny_pipeline, mixed, out, train_batch_size=2, checkpointing_steps=2, **RUN_FLAGS))
     assert result.returncode == 0, result.stderr[-4000:]
     return out, result
 
@@ -316,8 +316,8 @@ def test_mixed_folder_resumes_exactly(single_run, tiny_pipeline, mixed, tmp_path
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
     shutil.copytree(os.path.join(out, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
-    result = run_script(base_args(tiny_pipeline, mixed, resumed, train_batch_size=2, resume_from_checkpoint="latest",
-                                  **RUN_FLAGS))
+    result = run_in_process(base_args(tiny_pipeline, mixed, resumed, train_batch_size=2, resume_from_checkpoint="latest",
+                                      **RUN_FLAGS))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resumed from" in result.stderr
     np.testing.assert_array_equal(read_vectors(os.path.join(resumed, "learned_embeds.safetensors")),

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from helpers import REPO, base_args, read_vectors, run_script, write_images
+from helpers import REPO, base_args, read_vectors, run_in_process, run_script, write_images
 from textual_inversion_core.data import OBJECT_TEMPLATES, TextualInversionDataset
 from textual_inversion_core.errors import UserError
 
@@ -310,7 +310,7 @@ def test_captioned_folder_trains_and_two_processes_equal_one(tiny_pipeline, tmp_
     data = captioned_run_folder(tmp_path / "data")
     settings = dict(max_train_steps=3, num_vectors=2, caption_extension=".txt")
     single = str(tmp_path / "single")
-    one = run_script(base_args(tiny_pipeline, data, single, train_batch_size=2, **settings))
+    one = run_in_process(base_args(tiny_pipeline, data, single, train_batch_size=2, **settings))
     assert one.returncode == 0, one.stderr[-3000:]
     double = str(tmp_path / "double")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -340,7 +340,7 @@ def test_caption_with_the_token_trains_exactly_as_that_prompt(tiny_pipeline, tmp
     vectors = {}
     for name, flags in runs.items():
         out = str(tmp_path / name)
-        result = run_script(base_args(tiny_pipeline, data, out, max_train_steps=2, **flags))
+        result = run_in_process(base_args(tiny_pipeline, data, out, max_train_steps=2, **flags))
         assert result.returncode == 0, result.stderr[-3000:]
         vectors[name] = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     np.testing.assert_array_equal(vectors["captions"], vectors["template"])

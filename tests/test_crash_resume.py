@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from helpers import REPO, TORCH_SCRIPT, base_args, run_script, script_env, write_images
+from helpers import REPO, TORCH_SCRIPT, base_args, run_in_process, run_script, script_env, write_images
 from textual_inversion_core import checkpoints
 
 TOKEN = "<cat-toy>"
@@ -87,7 +87,7 @@ COMMON = dict(max_train_steps=8, train_batch_size=2, gradient_accumulation_steps
 def reference(tiny_pipeline, data, tmp_path_factory):
     """The uninterrupted run, with a checkpoint after every step."""
     out = str(tmp_path_factory.mktemp("reference") / "out")
-    result = run_script(base_args(tiny_pipeline, data, out, **COMMON))
+    result = run_in_process(base_args(tiny_pipeline, data, out, **COMMON))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -99,7 +99,7 @@ def test_resume_mid_epoch_with_accumulation_is_exact(tiny_pipeline, data, refere
     part = str(tmp_path / "part")
     os.makedirs(part)
     shutil.copytree(os.path.join(full, f"checkpoint-{stop_at}"), os.path.join(part, f"checkpoint-{stop_at}"))
-    resumed = run_script(base_args(tiny_pipeline, data, part, resume_from_checkpoint="latest", seed=None, **COMMON))
+    resumed = run_in_process(base_args(tiny_pipeline, data, part, resume_from_checkpoint="latest", seed=None, **COMMON))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {stop_at}" in resumed.stderr
     diff = max_diff(final_vectors(part), final_vectors(reference))

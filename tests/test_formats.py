@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch_file
 
 from conftest import REPO, base_args, run_script
+from helpers import run_in_process
 from textual_inversion_core import convert, embeddings
 from textual_inversion_core.cli import parse_args
 from textual_inversion_core.errors import UserError
@@ -431,7 +432,7 @@ def test_training_starts_from_init_from(tiny_pipeline, train_images, tmp_path, f
     """A real run: with a vanishing learning rate the saved embedding is the --init_from one."""
     vectors = random_vectors(2, seed=4)
     paths = write_every_readable_format(str(tmp_path / "inits"), vectors)
-    result = run_script(init_args(tiny_pipeline, train_images, tmp_path / "out", paths[fmt]))
+    result = run_in_process(init_args(tiny_pipeline, train_images, tmp_path / "out", paths[fmt]))
     assert result.returncode == 0, result.stderr[-3000:]
     token, learned = embeddings.read_embedding(str(tmp_path / "out" / "learned_embeds.safetensors"))
     assert token == TOKEN

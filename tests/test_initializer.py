@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import PLACEHOLDER, REPO, base_args, read_vectors, run_script
+from helpers import PLACEHOLDER, REPO, base_args, read_vectors, run_in_process
 from textual_inversion_core.errors import UserError
 from textual_inversion_core.tokens import add_placeholder_tokens, initializer_ids, initializer_rows, initializer_vectors
 
@@ -90,8 +90,8 @@ def tiny_token_table(pipeline):
 def test_the_trainer_starts_from_the_phrase(tiny_pipeline, train_images, tmp_path, tokenizer):
     """--learning_rate 0 exports the start vectors as they are: they are the rule's, from the model's table."""
     out = str(tmp_path / "out")
-    result = run_script(base_args(tiny_pipeline, train_images, out, initializer_token="red toy car", num_vectors=2,
-                                  learning_rate=0, max_train_steps=1, export_formats="diffusers"))
+    result = run_in_process(base_args(tiny_pipeline, train_images, out, initializer_token="red toy car", num_vectors=2,
+                                      learning_rate=0, max_train_steps=1, export_formats="diffusers"))
     assert result.returncode == 0, result.stderr[-3000:]
     ids = [tokenizer.encode(w, add_special_tokens=False)[0] for w in ("red", "toy", "car")]
     expected = initializer_vectors(tiny_token_table(tiny_pipeline), ids, 2)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import base_args, run_script
+from helpers import base_args, run_in_process
 from textual_inversion_core import plots
 from textual_inversion_core.errors import UserError
 from textual_inversion_core.schedules import lr_multiplier
@@ -26,7 +26,7 @@ def logged_run(tiny_pipeline, train_images, tmp_path_factory):
     argv = base_args(tiny_pipeline, train_images, str(out), max_train_steps=STEPS, learning_rate=BASE_LR,
                      lr_scheduler="linear", lr_warmup_steps=0, report_to="tensorboard",
                      validation_prompt="a photo of <cat-toy>", validation_steps=1, num_validation_images=IMAGES)
-    result = run_script(argv)
+    result = run_in_process(argv)
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import TORCH_SCRIPT, base_args, free_port, run_hosts, run_script, script_env
+from helpers import TORCH_SCRIPT, base_args, free_port, run_hosts, run_in_process, run_script, script_env
 from textual_inversion_core import checkpoints
 
 # Measured on the tiny pipeline: 2-process vs 1-process vectors differ by at most 1.2e-7 (summation
@@ -91,7 +91,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_pipeline, train
     if launcher == "accelerate":  # and the CLIP scores of the saved steps (cheap: 1 sample, 2 sampler steps)
         settings.update(eval_clip_model=tiny_clip, eval_num_samples=1, eval_inference_steps=2)
     single = str(tmp_path / "single")
-    result = run_script(base_args(tiny_pipeline, train_images, single, train_batch_size=2, **settings))
+    result = run_in_process(base_args(tiny_pipeline, train_images, single, train_batch_size=2, **settings))
     assert result.returncode == 0, result.stderr[-3000:]
 
     double = str(tmp_path / "double")
@@ -150,7 +150,7 @@ def test_two_process_run_resumes_exactly(tiny_pipeline, train_images, tmp_path):
     settings = dict(max_train_steps=6, checkpointing_steps=3, report_to="none", lr_scheduler="linear",
                     lr_warmup_steps=2, gradient_accumulation_steps=2)
     single = str(tmp_path / "single")
-    result = run_script(base_args(tiny_pipeline, train_images, single, train_batch_size=2, **settings))
+    result = run_in_process(base_args(tiny_pipeline, train_images, single, train_batch_size=2, **settings))
     assert result.returncode == 0, result.stderr[-3000:]
     part = str(tmp_path / "part")
     os.makedirs(part)
@@ -190,8 +190,8 @@ def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step(tiny_pipeline, tra
     step = int(stopped[0])
     assert [s for s, _ in checkpoints.list_checkpoints(out)] == [step]
     assert os.path.isfile(os.path.join(out, f"learned_embeds-steps-{step}.safetensors"))
-    resumed = run_script(base_args(tiny_pipeline, train_images, out, resume_from_checkpoint="latest",
-                                   **dict(settings, max_train_steps=step + 1, train_batch_size=2)))
+    resumed = run_in_process(base_args(tiny_pipeline, train_images, out, resume_from_checkpoint="latest",
+                                       **dict(settings, max_train_steps=step + 1, train_batch_size=2)))
     assert resumed.returncode == 0 and f"at step {step}" in resumed.stderr, resumed.stderr[-3000:]
 
 
@@ -202,7 +202,7 @@ def test_two_machines_resume_from_a_checkpoint_only_machine_0_has(tiny_pipeline,
     both resume at step 2, and the result equals the uninterrupted 1-process run with the same global batch."""
     settings = dict(max_train_steps=4, checkpointing_steps=2, report_to="none", lr_scheduler="linear")
     single = str(tmp_path / "single")
-    result = run_script(base_args(tiny_pipeline, train_images, single, train_batch_size=2, **settings))
+    result = run_in_process(base_args(tiny_pipeline, train_images, single, train_batch_size=2, **settings))
     assert result.returncode == 0, result.stderr[-3000:]
     outs = [str(tmp_path / f"machine{i}") for i in range(2)]
     shutil.copytree(os.path.join(single, "checkpoint-2"), os.path.join(outs[0], "checkpoint-2"))

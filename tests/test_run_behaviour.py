@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import base_args, read_vectors, run_script
+from helpers import base_args, read_vectors, run_in_process, run_script
 
 
 def _tensorboard_image_steps(log_dir):
@@ -43,8 +43,8 @@ def test_report_to_all_logs_validation_images_to_every_installed_tracker(tiny_pi
 
 def test_bf16_full_pipeline_is_saved_in_fp32_with_the_original_weights(tiny_pipeline, train_images, tmp_path):
     out = str(tmp_path / "out")
-    result = run_script(base_args(tiny_pipeline, train_images, out, mixed_precision="bf16", max_train_steps=2,
-                                  save_as_full_pipeline=True, num_vectors=2))
+    result = run_in_process(base_args(tiny_pipeline, train_images, out, mixed_precision="bf16", max_train_steps=2,
+                                      save_as_full_pipeline=True, num_vectors=2))
     assert result.returncode == 0, result.stderr[-3000:]
     learned = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     for component in ("unet", "vae"):
@@ -106,8 +106,8 @@ def test_mixed_precision_starts_from_the_initializer_itself(tiny_pipeline, train
     """The trainable vectors are fp32 from the start: --learning_rate 0 with --mixed_precision returns the
     initializer exactly, not rounded through bf16/fp16 (it was 1.2e-4 off with bf16, 1.4e-5 with fp16)."""
     out = str(tmp_path / "out")
-    result = run_script(base_args(tiny_pipeline, train_images, out, mixed_precision=precision, learning_rate=0,
-                                  max_train_steps=1, num_vectors=2, export_formats="diffusers"))
+    result = run_in_process(base_args(tiny_pipeline, train_images, out, mixed_precision=precision, learning_rate=0,
+                                      max_train_steps=1, num_vectors=2, export_formats="diffusers"))
     assert result.returncode == 0, result.stderr[-3000:]
     learned = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     np.testing.assert_array_equal(learned, _initializer_rows(tiny_pipeline, "toy", 2))

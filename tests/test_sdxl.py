@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import REPO, base_args, read_vectors, run_script
+from helpers import REPO, base_args, read_vectors, run_in_process, run_script
 from textual_inversion_core import checkpoints
 
 SDXL_SCRIPT = os.path.join(REPO, "textual_inversion_sdxl.py")
@@ -24,8 +24,8 @@ VECTOR_TOLERANCE = 1e-6  # as tests/test_multiprocess.py: summation order of the
 def sdxl_runs(tiny_sdxl_pipeline, train_images, tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl-runs")
     out = {name: str(root / name) for name in ("full", "resumed", "double")}
-    result = run_script(base_args(tiny_sdxl_pipeline, train_images, out["full"], save_as_full_pipeline=True,
-                                  **SETTINGS))
+    result = run_in_process(base_args(tiny_sdxl_pipeline, train_images, out["full"], save_as_full_pipeline=True,
+                                      **SETTINGS))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "model = SDXL, trained: clip_l (text_encoder), clip_g (text_encoder_2)" in result.stderr, result.stderr[-2000:]
     os.makedirs(out["resumed"])
@@ -177,8 +177,8 @@ def test_embedding_of_the_other_family_is_refused_before_any_model_loads(sdxl_ru
 def test_sdxl_run_continues_from_its_own_webui_file(sdxl_runs, tiny_sdxl_pipeline, train_images, tmp_path):
     """--init_from the {"clip_l", "clip_g"} file: each encoder starts from its own part (lr 0 keeps them)."""
     out = str(tmp_path / "continued")
-    result = run_script(base_args(tiny_sdxl_pipeline, train_images, out, num_vectors=2, max_train_steps=1,
-                                  learning_rate=0, init_from=os.path.join(sdxl_runs["full"], "cat-toy.safetensors")))
+    result = run_in_process(base_args(tiny_sdxl_pipeline, train_images, out, num_vectors=2, max_train_steps=1,
+                                      learning_rate=0, init_from=os.path.join(sdxl_runs["full"], "cat-toy.safetensors")))
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("learned_embeds.safetensors", "learned_embeds_2.safetensors"):
         assert np.array_equal(read_vectors(os.path.join(out, name)), read_vectors(os.path.join(sdxl_runs["full"], name)))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, base_args, run_script
+from helpers import run_in_process
 from textual_inversion_core import hub
 from textual_inversion_core.cli import parse_args
 
@@ -144,8 +145,8 @@ def test_push_leaves_out_checkpoints_logs_and_temporaries(tiny_pipeline, train_i
     from huggingface_hub.utils import filter_repo_objects
 
     out = str(tmp_path / "out")
-    result = run_script(base_args(tiny_pipeline, train_images, out, max_train_steps=2, checkpointing_steps=1,
-                                  save_steps=1, report_to="tensorboard"))
+    result = run_in_process(base_args(tiny_pipeline, train_images, out, max_train_steps=2, checkpointing_steps=1,
+                                      save_steps=1, report_to="tensorboard"))
     assert result.returncode == 0, result.stderr[-3000:]
     # What a crash or an interrupted save can leave next to the results.
     os.makedirs(os.path.join(out, ".tmp-checkpoint-3-abc"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, TORCH_SCRIPT, base_args, read_vectors, run_script
+from helpers import REPO, TORCH_SCRIPT, base_args, read_vectors, run_in_process, run_script
 
 DIFFUSERS_FLAGS = """--save_steps --save_as_full_pipeline --num_vectors --pretrained_model_name_or_path --revision
 --variant --tokenizer_name --train_data_dir --placeholder_token --initializer_token --learnable_property --repeats
@@ -48,8 +48,8 @@ def test_help_lists_every_diffusers_flag_with_diffusers_defaults():
 def trained(tiny_pipeline, train_images, tmp_path_factory):
     """One short 2-vector run with a full-pipeline save, shared by the output checks below."""
     out = str(tmp_path_factory.mktemp("run") / "out")
-    result = run_script(base_args(tiny_pipeline, train_images, out, num_vectors=2, save_as_full_pipeline=True,
-                                  save_steps=3, gradient_accumulation_steps=2))
+    result = run_in_process(base_args(tiny_pipeline, train_images, out, num_vectors=2, save_as_full_pipeline=True,
+                                      save_steps=3, gradient_accumulation_steps=2))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -119,27 +119,36 @@ def test_only_the_new_vectors_changed(trained, tiny_pipeline):
 
 def test_checkpoint_rotation_keeps_the_newest(tiny_pipeline, train_images, tmp_path):
     out = str(tmp_path / "out")
-    result = run_script(base_args(tiny_pipeline, train_images, out, max_train_steps=8, checkpointing_steps=2,
-                                  checkpoints_total_limit=2, train_batch_size=1))
+    result = run_in_process(base_args(tiny_pipeline, train_images, out, max_train_steps=8, checkpointing_steps=2,
+                                      checkpoints_total_limit=2, train_batch_size=1))
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-6", "checkpoint-8"]
     state = json.load(open(os.path.join(out, "checkpoint-8", "training_state.json")))
     assert state["step"] == 8 and state["seed"] == 1234
 
 
-@pytest.mark.parametrize("resume_as", ["checkpoint-4", "latest"])
-def test_resume_reaches_the_uninterrupted_vectors(tiny_pipeline, train_images, tmp_path, resume_as):
-    common = dict(max_train_steps=8, gradient_accumulation_steps=2, train_batch_size=1, lr_scheduler="linear",
-                  lr_warmup_steps=2, num_vectors=2)
-    full = str(tmp_path / "full")
-    result = run_script(base_args(tiny_pipeline, train_images, full, checkpointing_steps=4, **common))
+RESUME_SETTINGS = dict(max_train_steps=8, gradient_accumulation_steps=2, train_batch_size=1, lr_scheduler="linear",
+                       lr_warmup_steps=2, num_vectors=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_pipeline, train_images, tmp_path_factory):
+    """The run both resume tests below must reach, with a checkpoint after step 4 (trained once for both)."""
+    full = str(tmp_path_factory.mktemp("uninterrupted") / "full")
+    result = run_in_process(base_args(tiny_pipeline, train_images, full, checkpointing_steps=4, **RESUME_SETTINGS))
     assert result.returncode == 0, result.stderr[-3000:]
+    return full
+
+
+@pytest.mark.parametrize("resume_as", ["checkpoint-4", "latest"])
+def test_resume_reaches_the_uninterrupted_vectors(uninterrupted, tiny_pipeline, train_images, tmp_path, resume_as):
+    full = uninterrupted
     # What an interruption after step 4 leaves behind: checkpoint-4 only, no final files.
     part = str(tmp_path / "part")
     os.makedirs(part)
     shutil.copytree(os.path.join(full, "checkpoint-4"), os.path.join(part, "checkpoint-4"))
-    second = run_script(base_args(tiny_pipeline, train_images, part, resume_from_checkpoint=resume_as, seed=None,
-                                  **common))
+    second = run_in_process(base_args(tiny_pipeline, train_images, part, resume_from_checkpoint=resume_as, seed=None,
+                                      **RESUME_SETTINGS))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "at step 4" in second.stderr
     a = read_vectors(os.path.join(full, "learned_embeds.safetensors"))
@@ -167,8 +176,8 @@ def test_v_prediction_and_style_and_bf16_train(tiny_pipeline, train_images, tmp_
     config["prediction_type"] = "v_prediction"
     json.dump(config, open(config_path, "w"))
     out = str(tmp_path / "out")
-    result = run_script(base_args(model, train_images, out, max_train_steps=3, learnable_property="style",
-                                  mixed_precision="bf16", gradient_checkpointing=True, scale_lr=True))
+    result = run_in_process(base_args(model, train_images, out, max_train_steps=3, learnable_property="style",
+                                      mixed_precision="bf16", gradient_checkpointing=True, scale_lr=True))
     assert result.returncode == 0, result.stderr[-3000:]
     assert open(os.path.join(out, "type_of_concept.txt")).read() == "style"
     assert np.isfinite(read_vectors(os.path.join(out, "learned_embeds.safetensors"))).all()
@@ -176,8 +185,8 @@ def test_v_prediction_and_style_and_bf16_train(tiny_pipeline, train_images, tmp_
 
 def test_no_safe_serialization_writes_only_bin(tiny_pipeline, train_images, tmp_path):
     out = str(tmp_path / "out")
-    result = run_script(base_args(tiny_pipeline, train_images, out, max_train_steps=1, no_safe_serialization=True,
-                                  export_formats="diffusers"))
+    result = run_in_process(base_args(tiny_pipeline, train_images, out, max_train_steps=1, no_safe_serialization=True,
+                                      export_formats="diffusers"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.isfile(os.path.join(out, "learned_embeds.bin"))
     assert not any(f.endswith(".safetensors") for f in os.listdir(out))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file
 
-from helpers import base_args, read_vectors, run_script
+from helpers import base_args, read_vectors, run_in_process
 from test_logging import read_events
 from textual_inversion_core import controls, run
 from textual_inversion_core.cli import build_parser
@@ -256,9 +256,9 @@ def test_max_embedding_norm_caps_every_step_and_the_logged_norm_is_the_vectors(t
     start_norm = float(np.linalg.norm(initializer_rows(tiny_pipeline, SD_FOLDERS)[0]))
     cap = 1.05 * start_norm
     out = tmp_path / "capped"
-    result = run_script(base_args(tiny_pipeline, train_images, str(out), max_train_steps=STEPS, learning_rate=HIGH_LR,
-                                  num_vectors=2, save_steps=1, max_embedding_norm=cap, report_to="tensorboard",
-                                  logging_steps=2))
+    result = run_in_process(base_args(tiny_pipeline, train_images, str(out), max_train_steps=STEPS, learning_rate=HIGH_LR,
+                                      num_vectors=2, save_steps=1, max_embedding_norm=cap, report_to="tensorboard",
+                                      logging_steps=2))
     assert result.returncode == 0, result.stderr[-4000:]
     scalars, _ = read_events(out / "logs")
     assert [s for s, _ in scalars["embedding_norm"]] == list(range(1, STEPS + 1)) and "embedding_norm_2" not in scalars
@@ -277,12 +277,12 @@ def sdxl_controlled(tiny_sdxl_pipeline, train_images, tmp_path_factory):
     settings = dict(max_train_steps=STEPS, learning_rate=HIGH_LR, num_vectors=2, save_steps=1, checkpointing_steps=1,
                     **CONTROLS)
     full, resumed = root / "full", root / "resumed"
-    result = run_script(base_args(tiny_sdxl_pipeline, train_images, str(full), report_to="tensorboard", **settings))
+    result = run_in_process(base_args(tiny_sdxl_pipeline, train_images, str(full), report_to="tensorboard", **settings))
     assert result.returncode == 0, result.stderr[-4000:]
     os.makedirs(resumed)
     shutil.copytree(full / "checkpoint-1", resumed / "checkpoint-1")
-    result = run_script(base_args(tiny_sdxl_pipeline, train_images, str(resumed), resume_from_checkpoint="latest",
-                                  **settings))
+    result = run_in_process(base_args(tiny_sdxl_pipeline, train_images, str(resumed), resume_from_checkpoint="latest",
+                                      **settings))
     assert result.returncode == 0 and "resumed from" in result.stderr, result.stderr[-4000:]
     return full, resumed
 
@@ -314,7 +314,7 @@ def test_neutral_values_of_the_flags_train_exactly_what_no_flags_train(tiny_pipe
     for name, flags in (("plain", {}), ("neutral", dict(max_embedding_norm=1e6, noise_offset=0.0, min_timestep=0,
                                                           max_timestep=1000))):
         out = tmp_path / name
-        result = run_script(base_args(tiny_pipeline, train_images, str(out), max_train_steps=2, **flags))
+        result = run_in_process(base_args(tiny_pipeline, train_images, str(out), max_train_steps=2, **flags))
         assert result.returncode == 0, result.stderr[-4000:]
         outs.append(out)
     assert read_vectors(outs[0] / "learned_embeds.safetensors").tobytes() == \

@@ -13,7 +13,7 @@ import pytest
 
 from bucket_data import BUCKET_FLAGS, write_mixed_folder
 from flax_backend import model as flax_model
-from helpers import flax_base_args, read_vectors, run_flax
+from helpers import flax_base_args, read_vectors, run_flax, run_flax_in_process
 
 STEPS = 4
 RUN_FLAGS = dict(BUCKET_FLAGS, random_crop=True, alpha_mask=True, caption_extension=".txt", repeats=1,
@@ -48,8 +48,8 @@ def mixed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_device(tiny_pipeline, mixed, compile_cache, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("flax-bucket-run") / "one")
-    result = run_flax(flax_base_args(tiny_pipeline, mixed, out, train_batch_size=2, checkpointing_steps=2, **RUN_FLAGS),
-                      devices=1, cache=compile_cache)
+    result = run_flax_in_process(flax_base_args(tiny_pipeline, mixed, out, train_batch_size=2, checkpointing_steps=2,
+                                                **RUN_FLAGS), cache=compile_cache)
     return out, result
 
 
@@ -68,8 +68,8 @@ def test_mixed_folder_resumes_exactly_in_the_flax_trainer(one_device, tiny_pipel
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
     shutil.copytree(os.path.join(out, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
-    result = run_flax(flax_base_args(tiny_pipeline, mixed, resumed, train_batch_size=2, resume_from_checkpoint="latest",
-                                     **RUN_FLAGS), devices=1, cache=compile_cache)
+    result = run_flax_in_process(flax_base_args(tiny_pipeline, mixed, resumed, train_batch_size=2,
+                                                resume_from_checkpoint="latest", **RUN_FLAGS), cache=compile_cache)
     assert "resumed from" in result.stderr
     np.testing.assert_array_equal(read_vectors(os.path.join(resumed, "learned_embeds.safetensors")),
                                   read_vectors(os.path.join(out, "learned_embeds.safetensors")))
@@ -93,7 +93,7 @@ def test_flax_trainer_starts_from_the_initializer_phrase(tiny_pipeline, train_im
     from textual_inversion_core.tokens import initializer_vectors
 
     out = str(tmp_path / "out")
-    run_flax(flax_base_args(tiny_pipeline, train_images, out, initializer_token="red toy car", num_vectors=2,
+    run_flax_in_process(flax_base_args(tiny_pipeline, train_images, out, initializer_token="red toy car", num_vectors=2,
                             learning_rate=0, max_train_steps=1, export_formats="diffusers"), cache=compile_cache)
     tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline, subfolder="tokenizer")
     ids = [tokenizer.encode(w, add_special_tokens=False)[0] for w in ("red", "toy", "car")]

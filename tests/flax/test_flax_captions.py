@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import flax_base_args, read_vectors, run_flax, write_images
+from helpers import flax_base_args, read_vectors, run_flax, run_flax_in_process, write_images
 
 STEPS = 3
 
@@ -27,8 +27,8 @@ def test_captioned_folder_trains_and_two_devices_equal_one(tiny_pipeline, captio
     outs = {name: str(tmp_path / name) for name in ("one_device", "two_devices", "builtin_templates")}
     captioned = dict(max_train_steps=STEPS, caption_extension=".txt")
     results = [
-        run_flax(flax_base_args(tiny_pipeline, captioned_data, outs["one_device"], train_batch_size=2, **captioned),
-                 devices=1, cache=compile_cache),
+        run_flax_in_process(flax_base_args(tiny_pipeline, captioned_data, outs["one_device"], train_batch_size=2,
+                                           **captioned), cache=compile_cache),
         run_flax(flax_base_args(tiny_pipeline, captioned_data, outs["two_devices"], train_batch_size=1, **captioned),
                  devices=2, cache=compile_cache),
     ]
@@ -41,7 +41,7 @@ def test_captioned_folder_trains_and_two_devices_equal_one(tiny_pipeline, captio
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-6)
 
     # The same run without captions trains other vectors: the captioned prompts were the ones trained on.
-    run_flax(flax_base_args(tiny_pipeline, captioned_data, outs["builtin_templates"], train_batch_size=2,
-                            max_train_steps=STEPS), devices=1, cache=compile_cache)
+    run_flax_in_process(flax_base_args(tiny_pipeline, captioned_data, outs["builtin_templates"], train_batch_size=2,
+                                       max_train_steps=STEPS), cache=compile_cache)
     builtin = read_vectors(os.path.join(outs["builtin_templates"], "learned_embeds.safetensors"))
     assert float(np.abs(builtin - one).max()) > 1e-6

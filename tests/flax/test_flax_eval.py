@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import flax_base_args, run_flax
+from helpers import flax_base_args, run_flax, run_flax_in_process
 
 SETTINGS = dict(max_train_steps=4, save_steps=2, checkpointing_steps=2, validation_split=0.25)
 # The 2-device run's vectors differ from the 1-device run's by summation order (~1e-7): the loss (~1.1) by less.
@@ -25,8 +25,8 @@ def steps_of(out):
 @pytest.mark.slow
 def test_flax_validation_loss_on_devices_and_resume(tiny_pipeline, train_images, compile_cache, tmp_path):
     one, two, part = (str(tmp_path / name) for name in ("one", "two", "part"))
-    proc = run_flax(flax_base_args(tiny_pipeline, train_images, one, train_batch_size=2, select_best="validation_loss",
-                                   **SETTINGS), devices=1, cache=compile_cache)
+    proc = run_flax_in_process(flax_base_args(tiny_pipeline, train_images, one, train_batch_size=2,
+                                              select_best="validation_loss", **SETTINGS), cache=compile_cache)
     assert "images = 3" in proc.stderr and os.path.join(one, "eval.png") in proc.stderr
     # --select_best validation_loss: the lowest loss's step, its vectors as the best files in every format
     record = json.load(open(os.path.join(one, "eval.json")))
@@ -52,8 +52,8 @@ def test_flax_validation_loss_on_devices_and_resume(tiny_pipeline, train_images,
     record = json.load(open(os.path.join(one, "eval.json")))
     record["steps"] = {"2": dict(record["steps"]["2"], validation_loss=123.0)}  # kept, not measured again
     json.dump(record, open(os.path.join(part, "eval.json"), "w"))
-    run_flax(flax_base_args(tiny_pipeline, train_images, part, train_batch_size=2, resume_from_checkpoint="latest",
-                            **SETTINGS), devices=1, cache=compile_cache)
+    run_flax_in_process(flax_base_args(tiny_pipeline, train_images, part, train_batch_size=2,
+                                       resume_from_checkpoint="latest", **SETTINGS), cache=compile_cache)
     resumed = steps_of(part)
     assert resumed["2"]["validation_loss"] == 123.0
     assert abs(resumed["4"]["validation_loss"] - single["4"]["validation_loss"]) <= LOSS_TOLERANCE

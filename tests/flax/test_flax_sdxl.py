@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import FRAMEWORK_GRADIENT_PARITY, TORCH_PYTHON, TORCH_SCRIPT, flax_base_args, read_vectors, run_flax, run_script
+from helpers import (
+    FRAMEWORK_GRADIENT_PARITY,
+    TORCH_PYTHON,
+    TORCH_SCRIPT,
+    flax_base_args,
+    read_vectors,
+    run_flax,
+    run_flax_in_process,
+    run_script,
+)
 
 STEPS = 4
 SETTINGS = dict(max_train_steps=STEPS, checkpointing_steps=2, save_steps=2, num_vectors=2)
@@ -27,12 +36,12 @@ def sdxl_runs(tiny_sdxl_pipeline, train_images, compile_cache, tmp_path_factory)
     proc = run_flax(flax_base_args(tiny_sdxl_pipeline, train_images, out["two_devices"], train_batch_size=1,
                                    save_as_full_pipeline=True, **SETTINGS), devices=2, cache=compile_cache)
     assert "model = SDXL (2 text encoders)" in proc.stderr
-    run_flax(flax_base_args(tiny_sdxl_pipeline, train_images, out["one_device"], train_batch_size=2, **SETTINGS),
-             devices=1, cache=compile_cache)
+    run_flax_in_process(flax_base_args(tiny_sdxl_pipeline, train_images, out["one_device"], train_batch_size=2, **SETTINGS),
+                        cache=compile_cache)
     os.makedirs(out["resumed"])
     shutil.copytree(os.path.join(out["one_device"], "checkpoint-2"), os.path.join(out["resumed"], "checkpoint-2"))
-    proc = run_flax(flax_base_args(tiny_sdxl_pipeline, train_images, out["resumed"], train_batch_size=2,
-                                   resume_from_checkpoint="latest", **SETTINGS), devices=1, cache=compile_cache)
+    proc = run_flax_in_process(flax_base_args(tiny_sdxl_pipeline, train_images, out["resumed"], train_batch_size=2,
+                                              resume_from_checkpoint="latest", **SETTINGS), cache=compile_cache)
     assert "resumed from" in proc.stderr
     return out
 

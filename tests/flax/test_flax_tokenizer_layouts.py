@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import textual_inversion_flax as ti_flax
-from helpers import flax_base_args, read_vectors, run_flax, run_torch_python
+from helpers import flax_base_args, read_vectors, run_flax_in_process, run_torch_python
 from textual_inversion_core.errors import UserError
 from textual_inversion_core.tokenizer_files import load_clip_tokenizer
 from textual_inversion_core.tokens import add_placeholder_tokens
@@ -91,7 +91,7 @@ def test_sdxl_trainer_gives_the_same_vectors_from_tokenizer_json_alone(tiny_sdxl
     learned = []
     for model in (single, tiny_sdxl_pipeline):
         out = str(tmp_path / f"out-{len(learned)}")
-        run_flax(flax_base_args(model, train_images, out, max_train_steps=2), cache=compile_cache)
+        run_flax_in_process(flax_base_args(model, train_images, out, max_train_steps=2), cache=compile_cache)
         learned.append([read_vectors(os.path.join(out, name))
                         for name in ("learned_embeds.safetensors", "learned_embeds_2.safetensors")])
     assert [v.shape for v in learned[0]] == [(2, 32), (2, 48)]

@@ -16,7 +16,16 @@ from safetensors.numpy import load_file
 
 import textual_inversion_flax as ti_flax
 from flax_backend.weights import load_component
-from helpers import FLAX_SCRIPT, TORCH_PYTHON, TORCH_SCRIPT, flax_base_args, read_vectors, run_flax, run_torch_python
+from helpers import (
+    FLAX_SCRIPT,
+    TORCH_PYTHON,
+    TORCH_SCRIPT,
+    flax_base_args,
+    read_vectors,
+    run_flax,
+    run_flax_in_process,
+    run_torch_python,
+)
 from textual_inversion_core.cli import flag_names
 
 STEPS = 4
@@ -31,12 +40,12 @@ def runs(tiny_pipeline, train_images, compile_cache, tmp_path_factory):
                             save_steps=2, validation_prompt="a photo of <cat-toy>", num_validation_images=1,
                             validation_steps=STEPS, save_as_full_pipeline=True, report_to="tensorboard"),
              devices=2, cache=compile_cache)
-    run_flax(flax_base_args(tiny_pipeline, train_images, out["one_device"], train_batch_size=2, checkpointing_steps=2,
-                            save_steps=2), devices=1, cache=compile_cache)
+    run_flax_in_process(flax_base_args(tiny_pipeline, train_images, out["one_device"], train_batch_size=2,
+                                       checkpointing_steps=2, save_steps=2), cache=compile_cache)
     os.makedirs(out["resumed"])
     shutil.copytree(os.path.join(out["one_device"], "checkpoint-2"), os.path.join(out["resumed"], "checkpoint-2"))
-    proc = run_flax(flax_base_args(tiny_pipeline, train_images, out["resumed"], train_batch_size=2,
-                                   resume_from_checkpoint="latest"), devices=1, cache=compile_cache)
+    proc = run_flax_in_process(flax_base_args(tiny_pipeline, train_images, out["resumed"], train_batch_size=2,
+                                              resume_from_checkpoint="latest"), cache=compile_cache)
     assert "resumed from" in proc.stderr
     return out
 
@@ -153,15 +162,6 @@ def test_saved_flax_pipeline_loads_and_only_the_new_rows_differ(runs, tiny_pipel
     assert_pipeline_is_the_original_plus_learned_rows(runs["two_devices"], tiny_pipeline)
 
 
-def test_bf16_run_saves_the_pipeline_in_fp32_from_the_original_weights(tiny_pipeline, train_images, compile_cache,
-                                                                        tmp_path):
-    """The frozen weights train in bf16; the saved pipeline must not be those rounded copies."""
-    out = str(tmp_path / "bf16")
-    run_flax(flax_base_args(tiny_pipeline, train_images, out, mixed_precision="bf16", max_train_steps=1,
-                            save_as_full_pipeline=True), cache=compile_cache)
-    assert_pipeline_is_the_original_plus_learned_rows(out, tiny_pipeline)
-
-
 def assert_pipeline_is_the_original_plus_learned_rows(out, tiny_pipeline):
     import jax.numpy as jnp
     from diffusers import FlaxStableDiffusionPipeline
@@ -207,8 +207,8 @@ def test_transformers5_pipeline_trains_with_the_real_weights(runs, transformers5
     """The same run on the transformers-5 (unprefixed) copy of the pipeline gives the same vectors: it
     trained with the real text-encoder weights (random ones would give other vectors)."""
     out = str(tmp_path / "transformers5")
-    proc = run_flax(flax_base_args(transformers5_pipeline, train_images, out, train_batch_size=2), devices=1,
-                    cache=compile_cache)
+    proc = run_flax_in_process(flax_base_args(transformers5_pipeline, train_images, out, train_batch_size=2),
+                               cache=compile_cache)
     assert "text_model. prefix added" in proc.stderr
     vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
@@ -218,8 +218,8 @@ def test_transformers5_pipeline_trains_with_the_real_weights(runs, transformers5
 def test_gradient_accumulation_equals_the_larger_batch(runs, tiny_pipeline, train_images, compile_cache, tmp_path):
     """2 micro-batches of 1 draw the same examples as 1 batch of 2 and average the same gradients."""
     out = str(tmp_path / "accumulated")
-    run_flax(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=1, gradient_accumulation_steps=2,
-                            checkpointing_steps=STEPS), devices=1, cache=compile_cache)
+    run_flax_in_process(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=1,
+                                       gradient_accumulation_steps=2, checkpointing_steps=STEPS), cache=compile_cache)
     vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
     np.testing.assert_allclose(vectors, reference, rtol=0, atol=1e-6)
@@ -233,9 +233,9 @@ def test_memory_efficient_attention_trains_the_same_vectors(runs, tiny_pipeline,
     softmax in blocks, recomputed in the backward. The result matches the plain run; the saved pipeline
     keeps the plain config (how attention is computed is not part of the model)."""
     out = str(tmp_path / "chunked-attention")
-    run_flax(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=2, checkpointing_steps=2,
-                            enable_xformers_memory_efficient_attention=True, save_as_full_pipeline=True),
-             devices=1, cache=compile_cache)
+    run_flax_in_process(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=2, checkpointing_steps=2,
+                                       enable_xformers_memory_efficient_attention=True, save_as_full_pipeline=True),
+                        cache=compile_cache)
     vectors = read_vectors(os.path.join(out, "learned_embeds.safetensors"))
     reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
     assert not np.array_equal(vectors, read_vectors(os.path.join(runs["one_device"], "learned_embeds-steps-2.safetensors")))
@@ -244,13 +244,27 @@ def test_memory_efficient_attention_trains_the_same_vectors(runs, tiny_pipeline,
     assert config.get("use_memory_efficient_attention", False) is False
 
 
-def test_bf16_schedule_and_scaled_lr(tiny_pipeline, train_images, compile_cache, tmp_path):
-    out = str(tmp_path / "bf16")
+@pytest.fixture(scope="module")
+def bf16_run(tiny_pipeline, train_images, compile_cache, tmp_path_factory):
+    """A bf16 run on 2 devices with accumulation, a cosine schedule, --scale_lr, validation images and a full
+    pipeline save, read by the two tests below."""
+    out = str(tmp_path_factory.mktemp("flax-bf16") / "bf16")
     proc = run_flax(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=1, gradient_accumulation_steps=2,
                                    mixed_precision="bf16", lr_scheduler="cosine", lr_warmup_steps=1, max_train_steps=3,
                                    scale_lr=True, checkpointing_steps=3, validation_prompt="a <cat-toy> toy",
-                                   num_validation_images=2, validation_steps=3),
+                                   num_validation_images=2, validation_steps=3, save_as_full_pipeline=True),
                     devices=2, cache=compile_cache)
+    return out, proc
+
+
+def test_bf16_run_saves_the_pipeline_in_fp32_from_the_original_weights(bf16_run, tiny_pipeline):
+    """The frozen weights train in bf16; the saved pipeline must not be those rounded copies."""
+    out, _ = bf16_run
+    assert_pipeline_is_the_original_plus_learned_rows(out, tiny_pipeline)
+
+
+def test_bf16_schedule_and_scaled_lr(bf16_run, tiny_pipeline):
+    out, proc = bf16_run
     assert "frozen weights bfloat16, learned vectors float32" in proc.stderr
     from PIL import Image
 
@@ -299,8 +313,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tiny_pipeline, train_images, co
     assert 2 <= step < 400
     assert os.path.isfile(os.path.join(out, f"learned_embeds-steps-{step}.safetensors"))
     assert not os.path.exists(os.path.join(out, "learned_embeds.safetensors"))  # the run is not finished
-    proc = run_flax(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=2, max_train_steps=step + 1,
-                                   resume_from_checkpoint="latest"), devices=1, cache=compile_cache)
+    proc = run_flax_in_process(flax_base_args(tiny_pipeline, train_images, out, train_batch_size=2,
+                                              max_train_steps=step + 1, resume_from_checkpoint="latest"),
+                               cache=compile_cache)
     assert f"at step {step}" in proc.stderr
     assert os.path.isfile(os.path.join(out, "learned_embeds.safetensors"))
 
@@ -324,12 +339,45 @@ HOSTS_TOLERANCE = 2e-6
 HOSTS_RELATIVE_TOLERANCE = 1e-4
 
 
-def test_two_hosts_equal_one_host(runs, tiny_pipeline, train_images, tmp_path):
+# Runs the trainer with jax's shutdown barrier cut to 3 s and process 0's final save slowed by 12 s: without a
+# barrier of our own after that save, process 1 reaches the shutdown barrier first and jax aborts both.
+SLOW_FINAL_SAVE = r'''
+import functools, os, runpy, sys, time
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))
+import jax
+import textual_inversion_core.outputs as outputs
+
+initialize = jax.distributed.initialize
+jax.distributed.initialize = functools.partial(initialize, shutdown_timeout_seconds=3)
+finish_run = outputs.finish_run
+
+def slow_finish_run(*args, **kwargs):
+    time.sleep(12)
+    return finish_run(*args, **kwargs)
+
+outputs.finish_run = slow_finish_run
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tiny_pipeline, train_images, tmp_path_factory):
+    """One 2-process run (batch 1 each), through SLOW_FINAL_SAVE: the tests below read its vectors, its folders and
+    its exit codes (one run instead of two: a 2-process run compiles cold, jax's cache cannot serve gloo programs)."""
+    root = tmp_path_factory.mktemp("flax-two-hosts")
+    wrapper = root / "slow_final_save.py"
+    wrapper.write_text(SLOW_FINAL_SAVE)
+    outs = [str(root / f"host{i}") for i in range(2)]
+    argvs = [[FLAX_SCRIPT] + flax_base_args(tiny_pipeline, train_images, out, train_batch_size=1) for out in outs]
+    return outs, run_jax_hosts(argvs, root, timeout=420, script=str(wrapper))
+
+
+def test_two_hosts_equal_one_host(runs, two_hosts):
     """Two JAX processes split every global batch: the result equals one process with the same global batch, and
     only process 0 writes files; process 1 does not even create its output folder."""
-    outs = [str(tmp_path / f"host{i}") for i in range(2)]
-    results = run_jax_hosts([flax_base_args(tiny_pipeline, train_images, out, train_batch_size=1) for out in outs],
-                            tmp_path, timeout=420)
+    outs, results = two_hosts
     for code, stderr in results:
         assert code == 0, stderr[-3000:]
     assert "hosts = 2, devices = 2 (local 1)" in results[0][1]
@@ -338,6 +386,13 @@ def test_two_hosts_equal_one_host(runs, tiny_pipeline, train_images, tmp_path):
     reference = read_vectors(os.path.join(runs["one_device"], "learned_embeds.safetensors"))
     print(f"2 JAX processes vs 1: max |diff| = {np.abs(vectors - reference).max():.3g}")
     np.testing.assert_allclose(vectors, reference, rtol=0, atol=HOSTS_TOLERANCE)
+
+
+def test_two_hosts_outlast_jax_shutdown_barrier_while_process_0_saves(two_hosts):
+    outs, results = two_hosts
+    for code, stderr in results:
+        assert code == 0, stderr[-3000:]
+    assert os.path.isfile(os.path.join(outs[0], "learned_embeds.safetensors"))
 
 
 def test_two_hosts_resume_from_a_checkpoint_only_process_0_has(runs, tiny_pipeline, train_images, tmp_path):
@@ -375,40 +430,6 @@ def test_a_file_missing_on_one_host_stops_every_host_in_one_line(runs, tiny_pipe
         assert code == 2 and len(errors) == 1, stderr[-3000:]
         assert "process 1 of 2: --init_from" in errors[0] and "not-on-host-1" in errors[0], errors
         assert "Traceback" not in stderr
-
-
-# Runs the trainer with jax's shutdown barrier cut to 3 s and process 0's final save slowed by 12 s: without a
-# barrier of our own after that save, process 1 reaches the shutdown barrier first and jax aborts both.
-SLOW_FINAL_SAVE = r'''
-import functools, os, runpy, sys, time
-script = sys.argv[1]
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(script))
-import jax
-import textual_inversion_core.outputs as outputs
-
-initialize = jax.distributed.initialize
-jax.distributed.initialize = functools.partial(initialize, shutdown_timeout_seconds=3)
-finish_run = outputs.finish_run
-
-def slow_finish_run(*args, **kwargs):
-    time.sleep(12)
-    return finish_run(*args, **kwargs)
-
-outputs.finish_run = slow_finish_run
-runpy.run_path(script, run_name="__main__")
-'''
-
-
-def test_two_hosts_outlast_jax_shutdown_barrier_while_process_0_saves(tiny_pipeline, train_images, tmp_path):
-    wrapper = tmp_path / "slow_final_save.py"
-    wrapper.write_text(SLOW_FINAL_SAVE)
-    outs = [str(tmp_path / f"host{i}") for i in range(2)]
-    argvs = [[FLAX_SCRIPT] + flax_base_args(tiny_pipeline, train_images, out, max_train_steps=1) for out in outs]
-    results = run_jax_hosts(argvs, tmp_path, timeout=300, script=str(wrapper))
-    for code, stderr in results:
-        assert code == 0, stderr[-3000:]
-    assert os.path.isfile(os.path.join(outs[0], "learned_embeds.safetensors"))
 
 
 def test_push_to_hub_uploads_card_pipeline_and_no_token(tiny_pipeline, train_images, compile_cache, tmp_path,

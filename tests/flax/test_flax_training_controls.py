@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from flax_backend import model as fm
-from helpers import FLOAT32_EPS, flax_base_args, read_vectors, run_flax
+from helpers import FLOAT32_EPS, flax_base_args, read_vectors, run_flax, run_flax_in_process
 from test_logging import read_events
 from textual_inversion_core import controls
 
@@ -125,9 +125,9 @@ def test_max_embedding_norm_caps_every_step_and_the_logged_norm_is_the_vectors(t
                                                                                  compile_cache, tmp_path):
     cap = 1.05 * initializer_norm(tiny_pipeline)[0]
     out = tmp_path / "capped"
-    proc = run_flax(flax_base_args(tiny_pipeline, train_images, str(out), max_train_steps=STEPS, learning_rate=HIGH_LR,
-                                   save_steps=1, max_embedding_norm=cap, report_to="tensorboard", logging_steps=2),
-                    cache=compile_cache)
+    proc = run_flax_in_process(flax_base_args(tiny_pipeline, train_images, str(out), max_train_steps=STEPS,
+                                              learning_rate=HIGH_LR, save_steps=1, max_embedding_norm=cap,
+                                              report_to="tensorboard", logging_steps=2), cache=compile_cache)
     scalars, _ = read_events(out / "logs")
     assert [s for s, _ in scalars["embedding_norm"]] == list(range(1, STEPS + 1)) and "embedding_norm_2" not in scalars
     for step, logged in scalars["embedding_norm"]:
@@ -149,8 +149,8 @@ def controlled(tiny_pipeline, train_images, compile_cache, tmp_path_factory):
                             **settings), devices=2, cache=compile_cache)
     os.makedirs(resumed)
     shutil.copytree(full / "checkpoint-1", resumed / "checkpoint-1")
-    proc = run_flax(flax_base_args(tiny_pipeline, train_images, str(resumed), train_batch_size=2,
-                                   resume_from_checkpoint="latest", **settings), devices=1, cache=compile_cache)
+    proc = run_flax_in_process(flax_base_args(tiny_pipeline, train_images, str(resumed), train_batch_size=2,
+                                              resume_from_checkpoint="latest", **settings), cache=compile_cache)
     assert "resumed from" in proc.stderr and "another global batch" not in proc.stderr
     return full, resumed
 
