@@ -8,7 +8,8 @@ norm), CLIP-L and OpenCLIP bigG text towers with projection, the T5-XXL encoder 
 embedding rows) and the 16-channel VAE. `flux-dev` has FLUX.1-dev's text side (CLIP-L, T5-XXL) and VAE, and its
 FluxTransformer2DModel's config.json only: its 11.9 B parameters are 23.8 GB in bf16, more than this 24 GB machine
 can hold beside anything else, so its weights are not written (bench/run.py measures that pipeline's text side only
-and states what the step would need).
+and states what the step would need). flux-dev hard-links the T5-XXL files of an sd35-medium pipeline beside it when
+there is one (the same architecture; a memory row does not care which random weights it holds).
 
 The configs are the published ones (model config.json files as quoted by public code: see bench/notes.md for where
 they were read). Every model is built with bf16 as torch's default dtype, so its parameters are created and
@@ -111,6 +112,24 @@ def meta_model(size, folder):
         return dict((name, build) for name, _, build in builders(size))[folder]()
 
 
+def shared_t5(out_dir, size, folder):
+    """The T5-XXL folder of an sd35-medium pipeline beside out_dir, when size is flux-dev and folder its T5 (the same
+    architecture: a memory row does not care which random weights it holds); else None."""
+    import json
+
+    if size != "flux-dev" or folder != "text_encoder_2":
+        return None
+    candidate = os.path.join(os.path.dirname(os.path.abspath(out_dir)), "sd35-medium", "text_encoder_3")
+    try:
+        with open(os.path.join(candidate, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = all(config.get(k) == v for k, v in T5_XXL.items() if k in ("vocab_size", "d_model", "d_ff", "num_layers"))
+    complete = os.path.isfile(os.path.join(os.path.dirname(candidate), "model_index.json"))
+    return candidate if same and complete else None
+
+
 def make_big_flow_pipeline(out_dir, size, seed=0):
     """Write the sd35-medium or flux-dev pipeline folder to out_dir, one model at a time."""
     import torch
@@ -125,6 +144,14 @@ def make_big_flow_pipeline(out_dir, size, seed=0):
         frame = os.path.join(staging, "pipeline")
         make_flow_pipeline(frame, "tiny-sd3" if size == "sd35-medium" else "tiny-flux", seed)
         for folder, offset, build in builders(size):
+            shared = shared_t5(out_dir, size, folder)
+            if shared:  # hard links: no second 9.5 GB copy, no minutes of random init
+                shutil.rmtree(os.path.join(frame, folder))
+                os.makedirs(os.path.join(frame, folder))
+                for name in os.listdir(shared):
+                    os.link(os.path.join(shared, name), os.path.join(frame, folder, name))
+                print(f"{folder}: T5-XXL hard-linked from {shared}", flush=True)
+                continue
             torch.manual_seed(seed + offset)
             with default_dtype(torch.bfloat16):
                 model = build()
