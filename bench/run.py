@@ -95,7 +95,9 @@ EXPECTED_PEAK_GB = {"sd35-medium": 12.0, "flux-dev": 11.0}
 TEXT_SIDE_MARK = "torch_backend.families.base:Family.load_image_side"
 FLOW_PIPELINES = ("tiny-sd3", "tiny-flux", "sd35-medium", "flux-dev")
 # ... and the rows that stop there (their transformer does not fit: see TOO_BIG).
-TEXT_SIDE_ONLY = ("flux-dev-512-bf16-text-side-ours",)
+# T5 at 77 tokens there (the trainer's Flux default is 512: 6.6x the T5 work of caching, ≈ 40 min on 2 shared cores;
+# memory: +0.1 GB of cache and ≈ +0.3 GB of transient attention scores, see bench/notes.md).
+TEXT_SIDE_ONLY = ("flux-dev-512-bf16-seq77-text-side-ours",)
 # ... and any run that leaves less than this available (/proc/meminfo MemAvailable) to the machine.
 MIN_AVAILABLE_GB = 1.5
 # Configurations that cannot fit on a 24 GB machine, with the memory they would need and how that
@@ -105,9 +107,23 @@ _FLAX_SDXL_LOAD = ("the Flax trainer's loader alone peaks at ≈ 24.5 GB before 
                    "copy (another ≈ 10.2 GB), with both text encoders and the VAE (3.6 GB fp32) already loaded and "
                    "cast to bf16 only afterwards; measured: text_encoder_2 alone (2.78 GB) peaks at 5.96 GB; "
                    "XLA's training activations come on top")
+# SD3.5-medium and FLUX.1-dev (bf16 files): the trainer's diffusers from_pretrained builds the transformer in fp32 and
+# casts it to bf16 afterwards, while the bf16 file is memory-mapped (resident as it is read). Measured in the
+# sd35-medium CLIP-only row (rss_trace_gb): 1.04 GB left after the text side, 16.2 GB at the transformer load
+# (1.04 + 4.94 file + 9.88 fp32), 11.2 GB during the steps; text side with all three encoders 10.3 GB.
+_SD35_T5 = ("with T5 trained it stays resident (the CLIP-only row's text side: 10.3 GB measured) when the transformer "
+            "loads: + 4.94 GB (its bf16 file, memory-mapped) + 9.88 GB (the fp32 copy diffusers builds: 2.47 B "
+            "parameters and positional table x 4 B) = 25.1 GB; the steps would then hold ≈ 20.5 GB (10.3 + the CLIP-only "
+            "row's 11.2 GB step plateau - its 1.04 GB text side), which an idle 24 GB machine could hold if the "
+            "transformer were loaded straight in bf16")
+_FLUX_DEV = ("the FLUX.1-dev transformer has 11.90 B parameters: 23.8 GB in bf16 alone; the trainer builds it in fp32 "
+             "(47.6 GB) while its bf16 file is memory-mapped (23.8 GB), on top of the {residue} GB the text side leaves "
+             "(measured: flux-dev text-side row); loaded straight in bf16 it would still need 23.8 + {residue} GB + the "
+             "step's activations (SD3.5-medium's: ≈ 4.5 GB at 512 px)")
 TOO_BIG = {
     "sdxl-1024-bf16-chunked-attention-flax": (24.5, _FLAX_SDXL_LOAD),
     "sdxl-1024-fp32-chunked-attention-flax": (24.5, _FLAX_SDXL_LOAD),
+    "sd35-medium-512-bf16-t5-ours": (25.1, _SD35_T5),
 }
 
 
@@ -150,7 +166,8 @@ def configurations():
         for variant, flags in (("bf16", bf16), ("bf16-t5", bf16 + t5)):
             configs.append((f"{size}-{BIG_FLOW_RESOLUTION}-{variant}-ours", "ours", size, BIG_FLOW_RESOLUTION, 1,
                             flags, *BIG_FLOW_STEPS))
-    configs.append((TEXT_SIDE_ONLY[0], "ours", "flux-dev", BIG_FLOW_RESOLUTION, 1, bf16, *BIG_FLOW_STEPS))
+    configs.append((TEXT_SIDE_ONLY[0], "ours", "flux-dev", BIG_FLOW_RESOLUTION, 1, bf16 + ["--max_sequence_length", "77"],
+                    *BIG_FLOW_STEPS))
     return configs
 
 
