@@ -5,6 +5,8 @@
     python bench/run.py --only tiny        # configurations whose name contains "tiny"
     python bench/run.py --report           # only redraw results.md / results.png from results.json
     python bench/run.py --only sdxl-1024   # the SDXL-base-shaped rows at 1024 px (opt-in: ~14 GB disk, up to ~17 GB RAM)
+    python bench/run.py --only sd35-medium # SD3.5-medium-shaped bf16 rows at 512 px (opt-in: ~16 GB disk, ~16 GB RAM)
+    python bench/run.py --only flux-dev    # FLUX.1-dev-shaped: the text side, and the step's "does not fit"
     python bench/run.py --code_root DIR    # time the trainers of another checkout (e.g. a `git archive` of a commit)
 
 Each configuration runs in a fresh process (bench/step_timer.py wraps the script unchanged), with
@@ -19,7 +21,13 @@ progress bar moves when a step is dispatched, not when it is done; its rows are 
 moments it shows a loss (step_timer.py's sync_points), which prove every earlier step finished.
 A watchdog kills a run whose process tree passes its RSS limit (RSS_LIMIT_GB) or leaves less than
 MIN_AVAILABLE_GB of the machine's memory available, so that a configuration too big for the machine
-fails alone instead of swapping or waking the OOM killer for everyone else.
+fails alone instead of swapping or waking the OOM killer for everyone else; a row with an expected peak
+(EXPECTED_PEAK_GB) is not started while the machine has less than that (plus MIN_AVAILABLE_GB) available.
+
+Flow-matching rows (SD3/SD3.5, Flux.1) also record the moment the trainer starts loading its image side
+(bench/step_timer.py's BENCH_MARK): the peak RSS of the text side (tokenizers, text encoders, the frozen ones run
+once per prompt and freed) and the RSS left when the transformer starts loading. TEXT_SIDE_ONLY rows stop there:
+they measure the text side of a model whose transformer this machine cannot hold.
 """
 
 import argparse
@@ -71,12 +79,26 @@ SD15_REFERENCE_STEPS = (2, 4)
 # and 4 (encode_steps), so the measured steps 2-3 run from the cache, as the other rows' do.
 SDXL_STEPS = (1, 2)
 SDXL_IMAGES = 1
+# Flow-matching rows at full size (SD3.5-medium and FLUX.1-dev architectures, bf16 random weights; see
+# tools/big_flow_pipelines.py): 512 px (64 x 64 latents, 1024 transformer tokens in 2 x 2 patches), one warm-up step and
+# two measured, one training image (as the SDXL rows).
+BIG_FLOW_STEPS = (1, 2)
+BIG_FLOW_RESOLUTION = 512
+IMAGES = {"sdxl-1024": SDXL_IMAGES, "sd35-medium": SDXL_IMAGES, "flux-dev": SDXL_IMAGES}
 # Rows that only run when --only names them (disk, memory and time: see bench/notes.md).
-OPT_IN = ("sdxl-1024",)
+OPT_IN = ("sdxl-1024", "sd35-medium", "flux-dev")
 # Watchdog: kill a run above this RSS (process tree) ...
-RSS_LIMIT_GB = {"sdxl-1024": 20.0}
+RSS_LIMIT_GB = {"sdxl-1024": 20.0, "sd35-medium": 20.0, "flux-dev": 20.0}
 # ... and any run that leaves less than this available (/proc/meminfo MemAvailable) to the machine.
 MIN_AVAILABLE_GB = 1.5
+# A row is not started while the machine has less than its expected peak (+ MIN_AVAILABLE_GB) available.
+EXPECTED_PEAK_GB = {"sd35-medium": 16.5, "flux-dev": 10.5}  # measured: 16.2, 10.0
+# The trainer's method entered once the text side is done (BENCH_MARK of bench/step_timer.py) ...
+TEXT_SIDE_MARK = "torch_backend.families.base:Family.load_image_side"
+FLOW_PIPELINES = ("tiny-sd3", "tiny-flux", "sd35-medium", "flux-dev")
+# ... and the rows that stop there (their transformer does not fit: see TOO_BIG).
+# T5 at the trainer's Flux default of 512 tokens, and at 77 (SD3's default: 1/6.6 of the T5 work of caching).
+TEXT_SIDE_ONLY = ("flux-dev-512-bf16-text-side-ours", "flux-dev-512-bf16-seq77-text-side-ours")
 # Configurations that cannot fit on a 24 GB machine, with the memory they would need and how that
 # was estimated; they are recorded as "does not fit" instead of being started (--force runs them).
 _FLAX_SDXL_LOAD = ("the Flax trainer's loader alone peaks at ≈ 24.5 GB before the first step, in any precision: "
@@ -84,9 +106,28 @@ _FLAX_SDXL_LOAD = ("the Flax trainer's loader alone peaks at ≈ 24.5 GB before 
                    "copy (another ≈ 10.2 GB), with both text encoders and the VAE (3.6 GB fp32) already loaded and "
                    "cast to bf16 only afterwards; measured: text_encoder_2 alone (2.78 GB) peaks at 5.96 GB; "
                    "XLA's training activations come on top")
+# SD3.5-medium and FLUX.1-dev (bf16 files): the trainer's diffusers from_pretrained builds the transformer in fp32 and
+# casts it to bf16 afterwards, while the bf16 file is memory-mapped (resident as it is read). Measured in the
+# sd35-medium CLIP-only row (rss_trace_gb): 1.04 GB left after the text side, 16.2 GB at the transformer load
+# (1.04 + 4.94 file + 9.88 fp32), 11.2 GB during the steps; text side with all three encoders 10.3 GB.
+_SD35_T5 = ("with T5 trained it stays resident (the CLIP-only row's text side: 10.3 GB measured) when the transformer "
+            "loads: + 4.94 GB (its bf16 file, memory-mapped) + 9.88 GB (the fp32 copy diffusers builds: 2.47 B "
+            "parameters and positional table x 4 B) = 25.1 GB; the steps would then hold ≈ 20.5 GB (10.3 + the CLIP-only "
+            "row's 11.2 GB step plateau - its 1.04 GB text side), which an idle 24 GB machine could hold if the "
+            "transformer were loaded straight in bf16")
+_FLUX_DEV = ("the FLUX.1-dev transformer has 11.90 B parameters, 23.8 GB in bf16 alone; the trainer builds it in fp32 "
+             "(47.6 GB) while its bf16 file is memory-mapped (23.8 GB), on top of what the text side leaves ({left}; "
+             "flux-dev text-side row): {total} GB; loaded straight in bf16 it would still need {left_gb} + 23.8 GB + the "
+             "step's activations (≥ SD3.5-medium's ≈ 4.9 GB at 512 px) = {bf16} GB")
 TOO_BIG = {
     "sdxl-1024-bf16-chunked-attention-flax": (24.5, _FLAX_SDXL_LOAD),
     "sdxl-1024-fp32-chunked-attention-flax": (24.5, _FLAX_SDXL_LOAD),
+    "sd35-medium-512-bf16-t5-ours": (25.1, _SD35_T5),
+    "flux-dev-512-bf16-ours": (72.3, _FLUX_DEV.format(left="CLIP-L, T5 cached at 512 tokens and freed: 0.94 GB measured",
+                                                      total=72.3, left_gb=0.94, bf16="≥ 29.6")),
+    "flux-dev-512-bf16-t5-ours": (81.4, _FLUX_DEV.format(
+        left="T5 trained and resident: 10.0 GB, the text side's weights measured at 77 tokens", total=81.4,
+        left_gb=10.0, bf16="≥ 38.7")),
 }
 
 
@@ -119,6 +160,19 @@ def configurations():
     chunked = ["--enable_xformers_memory_efficient_attention"]
     for variant, flags in (("bf16-chunked-attention", bf16 + chunked), ("fp32-chunked-attention", chunked)):
         configs.append((f"sdxl-1024-{variant}-flax", "flax", "sdxl", 1024, 1, flags, *SDXL_STEPS))
+    # SD3 and Flux.1 (our trainer only): CLIP encoders trained and T5 cached once per prompt and freed (the
+    # default), or T5 trained too and resident (--enable_t5_ti).
+    t5 = ["--enable_t5_ti"]
+    for size in ("tiny-sd3", "tiny-flux"):
+        for variant, flags in (("", []), ("-t5", t5)):
+            configs.append((f"{size}{variant}-b1-ours", "ours", size, 64, 1, flags, *TINY_STEPS))
+    for size in ("sd35-medium", "flux-dev"):
+        for variant, flags in (("bf16", bf16), ("bf16-t5", bf16 + t5)):
+            configs.append((f"{size}-{BIG_FLOW_RESOLUTION}-{variant}-ours", "ours", size, BIG_FLOW_RESOLUTION, 1,
+                            flags, *BIG_FLOW_STEPS))
+    configs.append((TEXT_SIDE_ONLY[0], "ours", "flux-dev", BIG_FLOW_RESOLUTION, 1, bf16, *BIG_FLOW_STEPS))
+    configs.append((TEXT_SIDE_ONLY[1], "ours", "flux-dev", BIG_FLOW_RESOLUTION, 1, bf16 + ["--max_sequence_length", "77"],
+                    *BIG_FLOW_STEPS))
     return configs
 
 
@@ -294,6 +348,12 @@ def run_one(config, images, profile_step=None, code_root=ROOT, extra_flags=(), t
     if not os.path.isfile(python):
         result.update(status="missing", error=f"{os.path.relpath(python, ROOT)} does not exist (make setup-flax)")
         return result
+    expected_gb, available = prefixed(EXPECTED_PEAK_GB, name), mem_available_bytes()
+    if expected_gb and available is not None and available < (expected_gb + MIN_AVAILABLE_GB) * 1e9:
+        result.update(status="not started", measured_at=datetime.datetime.now(datetime.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M UTC"), error=f"the machine had {available / 1e9:.1f} GB available and this row peaks at "
+                                         f"≈ {expected_gb:g} GB (+ {MIN_AVAILABLE_GB:g} GB kept free): try again later")
+        return result
     out_dir = os.path.join(WORK, "runs", tag)
     os.makedirs(os.path.join(WORK, "logs"), exist_ok=True)
     timing_file = os.path.join(WORK, "logs", f"{tag}.timing.json")
@@ -312,6 +372,10 @@ def run_one(config, images, profile_step=None, code_root=ROOT, extra_flags=(), t
         env["BENCH_LOG_HOOK"] = "accelerate"
     if profile_step is not None:
         env["BENCH_PROFILE_STEP"] = str(profile_step)
+    if size in FLOW_PIPELINES and trainer == "ours":
+        env["BENCH_MARK"] = TEXT_SIDE_MARK
+        if name in TEXT_SIDE_ONLY:
+            env["BENCH_STOP_AT_MARK"] = "1"
     env.update(env_extra or {})
     if env_extra:
         result["env"] = dict(env_extra)
@@ -365,6 +429,14 @@ def run_one(config, images, profile_step=None, code_root=ROOT, extra_flags=(), t
         with open(timing_file) as f:
             timing = json.load(f)
     ends = timing.get("step_end_times", [])
+    for mark in timing.get("marks", [])[:1]:  # the text side's peak, and what it left resident
+        result.update(text_side_peak_rss_gb=round(mark["peak_rss_bytes"] / 1e9, 3),
+                      rss_at_image_side_gb=round(mark["rss_bytes"] / 1e9, 3),
+                      text_side_s=round(mark["time"] - start, 1))
+    if name in TEXT_SIDE_ONLY and not killed and child.returncode == 0 and "text_side_peak_rss_gb" in result:
+        result.update(status="text side only", peak_rss_gb=result["text_side_peak_rss_gb"],
+                      error="stopped as the transformer starts loading (it does not fit: see the step rows)")
+        return result
     if killed:
         result.update(status="killed", steps_done=len(ends), peak_rss_gb=round(peak_tree / 1e9, 3),
                       error=f"{killed} after {wall:.0f} s, {len(ends)} steps done")
@@ -473,7 +545,9 @@ def write_markdown(data):
            "Generated by `make bench` (`bench/run.py`) from `bench/results.json`; do not edit by hand. "
            "Random-weight pipelines from `tools/make_tiny_pipeline.py` (`tiny`: 64 px; `sd15`: the SD-1.5 "
            "architecture, 512 px; `tiny-sdxl`: a tiny SDXL pipeline, 64 px; `sdxl`: SDXL base 1.0's "
-           "architecture, 1024 px). s/step is the median over the measured steps after the warm-up steps "
+           "architecture, 1024 px; `tiny-sd3` / `tiny-flux`: tiny SD3 and Flux.1 pipelines, 64 px; `sd35-medium` / "
+           "`flux-dev`: the architectures of SD3.5 medium and FLUX.1-dev in bf16, 512 px, see "
+           "`tools/big_flow_pipelines.py`). s/step is the median over the measured steps after the warm-up steps "
            "(Flax rows: over the stretches between loss fetches, the only moments its steps are known to be done); "
            "time to first step counts from process start (imports, model loading, first step); peak RSS "
            "is the OS high-water mark of the trainer process (and its children, sampled). Speed-up is the "
@@ -523,6 +597,8 @@ def table_lines(results):
         if r.get("status") != "ok":
             reason = r.get("status", "?") + ": " + str(r.get("error", "")).replace("|", "/")
             peak = f"≥ {r['peak_rss_gb']:.2f}" if r.get("peak_rss_gb") else "–"
+            if r.get("status") == "text side only":
+                peak = f"{r['peak_rss_gb']:.2f}"
             out.append(f"| {label} | {trainer} | – | – | – | – | {peak} | – | {steps} | {r.get('loadavg_start', '–')} "
                        f"| {machine} | {r.get('measured_at', '–')} ({reason}) |")
             continue
@@ -530,6 +606,16 @@ def table_lines(results):
         out.append(f"| {label} | {trainer} | {r['s_per_step_median']:.3f} | {1 / r['s_per_step_median']:.2f} "
                    f"| {fmt(ratio, '.2f')}{'×' if ratio else ''} | {r['first_step_s']:.1f} | {r['peak_rss_gb']:.2f} "
                    f"| {fmt(r['final_loss'], '.4f')} | {steps} | {r['loadavg_start']} | {machine} | {r['measured_at']} |")
+    flow = [r for r in rows if r.get("text_side_peak_rss_gb") is not None]
+    if flow:
+        out += ["", "SD3/Flux rows, text side (until the transformer starts loading: tokenizers, text encoders, the "
+                "frozen ones run once per prompt and freed):", "",
+                "| configuration | T5 | text side peak RSS (GB) | RSS when the transformer starts loading (GB) "
+                "| text side (s, from process start) |", "|---|---|---:|---:|---:|"]
+        for r in flow:
+            t5 = "trained, resident" if "--enable_t5_ti" in r["flags"] else "cached, freed"
+            out.append(f"| {r['name'].rsplit('-', 1)[0]} | {t5} | {r['text_side_peak_rss_gb']:.2f} "
+                       f"| {r['rss_at_image_side_gb']:.2f} | {r['text_side_s']:.0f} |")
     out += ["", "Targets of issue 6:", "", "| target | measured | met |", "|---|---|---|"]
     for target, measured, ok in targets(results):
         out.append(f"| {target} | {measured} | {'yes' if ok else '**no**'} |")
@@ -550,7 +636,8 @@ def write_plot(data):
     colours = {"ours": (31, 119, 180), "reference": (214, 39, 40), "flax": (44, 160, 44)}
     font = ImageFont.load_default()
     groups = [(size, [results[n] for n in order if n in results and results[n]["pipeline"] == size
-                      and results[n].get("status") == "ok"]) for size in ("tiny", "tiny-sdxl", "sd15", "sdxl")]
+                      and results[n].get("status") == "ok"])
+              for size in ("tiny", "tiny-sdxl", "sd15", "sdxl", "tiny-sd3", "tiny-flux", "sd35-medium")]
     groups = [(s, rows) for s, rows in groups if rows]
     bar_h, label_w, panel_w, pad = 18, 190, 330, 14
     height = pad + sum(40 + len(rows) * (bar_h + 6) for _, rows in groups) + 40
@@ -617,11 +704,16 @@ def main(argv=None):
             return not args.only or any(o in name for o in args.only)
 
         chosen = [c for c in configurations() if wanted(c[0]) and not any(s in c[0] for s in args.skip)]
+        measured = {}
         for config in chosen:
-            images = ensure_images(prefixed({"sdxl-1024": SDXL_IMAGES}, config[0], NUM_IMAGES))
+            images = ensure_images(prefixed(IMAGES, config[0], NUM_IMAGES))
             result = run_one(config, images, args.profile_step, code_root=args.code_root,
                              max_rss_gb=args.max_rss_gb, force=args.force)
-            data["runs"][config[0]] = result
+            measured[config[0]] = result
+            if os.path.isfile(RESULTS_JSON):  # keep the rows another bench/run.py wrote meanwhile
+                with open(RESULTS_JSON) as f:
+                    data["runs"] = json.load(f)["runs"]
+            data["runs"].update(measured)
             if result.get("status") == "ok":
                 print(f"[bench] {config[0]}: {result['s_per_step_median']:.3f} s/step, first step "
                       f"{result['first_step_s']:.1f} s, peak RSS {result['peak_rss_gb']:.2f} GB, "

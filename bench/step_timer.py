@@ -17,6 +17,10 @@ bench/run.py times such a trainer between them. step_cpu_times holds the process
 threads, time.process_time()) at each step end: on a loaded machine it moves much less than the
 wall clock (but it also counts threads spinning while they wait for each other).
 
+With BENCH_MARK=module:Class.method (e.g. torch_backend.families.base:Family.load_image_side) the moment that
+method is entered is recorded in OUT.json's marks (time, the process's peak RSS so far, its RSS now), and OUT.json is
+written right then, so the numbers survive a run the watchdog kills later; with BENCH_STOP_AT_MARK=1 the run then
+ends (exit code 0): a row that measures only what comes before that phase (a model too big for the machine).
 With BENCH_RSS_TRACE=1 the resident size is sampled every 0.1 s into OUT.json's rss_trace.
 With BENCH_PROFILE_STEP=N (torch scripts), steps N+1 and N+2 run under torch.profiler and the
 operator table is written next to OUT.json as OUT.profile.txt.
@@ -35,6 +39,45 @@ def peak_rss_bytes():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return None
+
+
+def current_rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def write_record(record, out_path):
+    tmp = out_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, out_path)
+
+
+class StopAtMark(SystemExit):
+    """Raised at BENCH_MARK when BENCH_STOP_AT_MARK is set (a SystemExit: the scripts catch Exception only)."""
+
+
+def install_mark(spec, record, out_path, stop):
+    """Wrap the method spec names ("module:Class.method") so that entering it records a mark (see the docstring)."""
+    import importlib
+
+    module_name, qualname = spec.split(":")
+    owner = importlib.import_module(module_name)
+    *path, method = qualname.split(".")
+    for name in path:
+        owner = getattr(owner, name)
+    original = getattr(owner, method)
+
+    def marked(*args, **kwargs):
+        record.setdefault("marks", []).append({"name": spec, "time": time.time(), "steps_done":
+                                               len(record["step_end_times"]), "peak_rss_bytes": peak_rss_bytes(),
+                                               "rss_bytes": current_rss_bytes()})
+        write_record(record, out_path)
+        if stop:
+            raise StopAtMark(0)
+        return original(*args, **kwargs)
+
+    setattr(owner, method, marked)
 
 
 def main():
@@ -112,6 +155,8 @@ def main():
         pass
     sys.argv = [script] + script_args
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    if os.environ.get("BENCH_MARK"):
+        install_mark(os.environ["BENCH_MARK"], record, out_path, bool(os.environ.get("BENCH_STOP_AT_MARK")))
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")
@@ -125,10 +170,7 @@ def main():
     finally:
         record["exit_code"] = code
         record["peak_rss_bytes"] = peak_rss_bytes()
-        tmp = out_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, out_path)
+        write_record(record, out_path)
     sys.exit(code)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Write a complete StableDiffusionPipeline (or StableDiffusionXLPipeline) folder with random weights, offline.
 
-    python tools/make_tiny_pipeline.py OUT_DIR [--size tiny|sd15|tiny-sdxl|sdxl|tiny-sd3|tiny-flux|tiny-flux-schnell]
+    python tools/make_tiny_pipeline.py OUT_DIR [--size tiny|sd15|tiny-sdxl|sdxl|tiny-sd3|tiny-flux|tiny-flux-schnell
+                                               |sd35-medium|flux-dev]
                                                [--seed 0]
 
 `tiny` is about the size of diffusers' own test pipeline (trains at 64 px in well under a second a
@@ -32,6 +33,7 @@ from textual_inversion_core.hf_layout import add_text_model_prefix, move_into  #
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 FLOW_SIZES = ("tiny-sd3", "tiny-flux", "tiny-flux-schnell")
+BIG_FLOW_SIZES = ("sd35-medium", "flux-dev")  # tools/big_flow_pipelines.py (bf16, for bench rows)
 
 
 def find_clip_vocab():
@@ -203,6 +205,10 @@ def make_sdxl_base_pipeline(out_dir, seed=0):
 
 
 def make_pipeline(out_dir, size="tiny", seed=0):
+    if size in BIG_FLOW_SIZES:
+        from tools import big_flow_pipelines
+
+        return big_flow_pipelines.make_big_flow_pipeline(out_dir, size, seed)
     if size in FLOW_SIZES:
         from tools import tiny_flow_pipelines
 
@@ -327,7 +333,8 @@ def make_tiny_clip(out_dir, seed=0, image_size=32):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--size", choices=["tiny", "sd15", "tiny-sdxl", "sdxl", *FLOW_SIZES, "tiny-clip"], default="tiny",
+    parser.add_argument("--size", default="tiny",
+                        choices=["tiny", "sd15", "tiny-sdxl", "sdxl", *FLOW_SIZES, *BIG_FLOW_SIZES, "tiny-clip"],
                         help="tiny-clip: a tiny random CLIPModel (the stand-in of --eval_clip_model in tests)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
