@@ -130,7 +130,7 @@ def main(argv=None, prog="textual_inversion.py"):
     # A frozen encoder (T5 without --enable_t5_ti) reads fixed prompts: run it once per prompt, keep its outputs, free it.
     family.cache_frozen_encoders(models, prompt_ids, device)
     prompt_ids = [prompt_ids[i] for i in family.trained]
-    processes.agree(lambda: family.load_image_side(models))
+    processes.agree(lambda: family.load_image_side(models, weight_dtype))
     vae, denoiser = models.vae, models.denoiser
     tm.freeze((vae, denoiser))
     vae.to(device, dtype=torch.float32)  # fp32: its posterior is computed once per image and cached exactly

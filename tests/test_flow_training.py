@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from helpers import base_args, run_script
+from helpers import base_args, run_in_process, run_script
 from textual_inversion_core import flow_matching as reference
 from textual_inversion_core.errors import UserError
 from torch_backend import flow_matching as fm
@@ -158,10 +158,25 @@ def test_sd3_with_t5_trains_every_encoder(tiny_sd3_pipeline, train_images, tmp_p
                                                          "t5": (2, 96)}
 
 
-def test_sd3_without_t5_says_it_is_cached_and_freed(tiny_sd3_pipeline, train_images, tmp_path):
-    proc = run_script(flow_args(tiny_sd3_pipeline, train_images, str(tmp_path / "out"), max_train_steps=1), check=True)
+def test_sd3_without_t5_says_it_is_cached_and_freed(tiny_sd3_pipeline, train_images, tmp_path, monkeypatch):
+    """Also: with bf16 the transformer is read as bf16, never held whole in fp32 first (SD3.5-medium: 9.9 GB more at
+    its peak, bench/notes.md)."""
+    import diffusers
+
+    read, load = [], diffusers.SD3Transformer2DModel.from_pretrained
+
+    def spy(*args, **kwargs):
+        model = load(*args, **kwargs)
+        read.append(next(model.parameters()).dtype)
+        return model
+
+    monkeypatch.setattr(diffusers.SD3Transformer2DModel, "from_pretrained", spy)
+    proc = run_in_process(flow_args(tiny_sd3_pipeline, train_images, str(tmp_path / "out"), max_train_steps=1,
+                                    mixed_precision="bf16"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trained: clip_l (text_encoder), clip_g (text_encoder_2); cached once per prompt and freed: t5xxl " \
            "(text_encoder_3)" in proc.stderr
+    assert read == [torch.bfloat16]
 
 
 @pytest.mark.slow
