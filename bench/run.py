@@ -95,12 +95,13 @@ TOO_BIG = {
 # (--validation_data_dir) and the CLIP scores (--eval_clip_model); every row saves at SCORE_EVERY steps, so the
 # steps that follow a save are compared with the rows' other steps (scoring_summary). The tiny pipeline scores with
 # a random tiny CLIP at the flags' defaults; the shapes model (tests/assets/shapes-sd) with the shapes CLIP at the
-# settings of `make demo` (tools/shapes.SCORING_FLAGS) and the recipe's batch.
+# settings of `make demo` (tools/shapes.SCORING_FLAGS) and the recipe's batch; one thread (SCORE_ENV).
 SCORE_STEPS = (5, 30)
 SCORE_EVERY = 10
 SCORE_HELD_OUT = 5
 SHAPES_ASSET = os.path.join(ROOT, "tests", "assets", "shapes-sd")
 SCORE_KINDS = ("none", "validation", "clip")
+SCORE_ENV = {"OMP_NUM_THREADS": "1"}  # one thread, as `make demo` and the tests train the shapes model
 
 
 def score_flags(pipeline, kind):
@@ -728,7 +729,8 @@ def main(argv=None):
         for config in chosen:
             images = ensure_images(prefixed({"sdxl-1024": SDXL_IMAGES}, config[0], NUM_IMAGES))
             result = run_one(config, images, args.profile_step, code_root=args.code_root,
-                             max_rss_gb=args.max_rss_gb, force=args.force)
+                             max_rss_gb=args.max_rss_gb, force=args.force,
+                             env_extra=SCORE_ENV if "-scores-" in config[0] else None)
             data["runs"][config[0]] = result
             if result.get("status") == "ok":
                 print(f"[bench] {config[0]}: {result['s_per_step_median']:.3f} s/step, first step "

@@ -1,6 +1,7 @@
 """The paper's scores (reconstruction, editability) of saved steps with a CLIP model, in training and with the
 standalone command, and --select_best. One scored run (tiny pipeline at 32 px, a tiny random CLIP, 1 sample per
-prompt, 2 sampler steps) is shared by the module."""
+prompt, 2 sampler steps) is shared by the module; an SDXL run (both vector sets, text encoders stored in fp16) is
+scored both ways too."""
 
 import json
 import os
