@@ -123,7 +123,8 @@ def score_lines(out, judged):
              for row in rows]
     best = record.get("best")
     if best:
-        lines.append(f"  best step       {best['step']}   (--select_best {best['rule']}: {best['reason']}; "
+        reason = best["reason"].removeprefix(f"{best['rule']}: ")  # the balanced rule's reason names itself
+        lines.append(f"  best step       {best['step']}   (--select_best {best['rule']}: {reason}; "
                      f"learned_embeds-best.*, {file_stem(TOKEN)}-best.*)")
     return lines
 
