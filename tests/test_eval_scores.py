@@ -202,8 +202,9 @@ def test_standalone_bad_input(tmp_path, tiny_clip, tiny_pipeline):
 
 @pytest.fixture(scope="module")
 def sdxl_fp16_text_encoders(tiny_sdxl_pipeline, tmp_path_factory):
-    """The tiny SDXL pipeline with both text encoders stored in fp16, as published SDXL checkpoints are: transformers
-    loads such an encoder in fp16 unless told otherwise, diffusers its UNet and VAE in fp32."""
+    """The tiny SDXL pipeline with both text encoders stored in fp16 (weights and config "dtype"), as published SDXL
+    checkpoints are: transformers loads such an encoder in fp16 unless told otherwise, diffusers its UNet and VAE in
+    fp32."""
     from safetensors.numpy import save_file
 
     folder = str(tmp_path_factory.mktemp("pipelines") / "tiny-sdxl-fp16")
@@ -212,6 +213,11 @@ def sdxl_fp16_text_encoders(tiny_sdxl_pipeline, tmp_path_factory):
         path = os.path.join(folder, name, "model.safetensors")
         save_file({k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in load_file(path).items()}, path,
                   metadata={"format": "pt"})
+        with open(os.path.join(folder, name, "config.json")) as f:
+            config = json.load(f)
+        config["dtype"] = config["torch_dtype"] = "float16"
+        with open(os.path.join(folder, name, "config.json"), "w") as f:
+            json.dump(config, f)
     return folder
 
 
