@@ -227,7 +227,7 @@ def test_sdxl_scores_in_training_equal_the_standalone_commands(sdxl_fp16_text_en
     result = run_script(base_args(sdxl_fp16_text_encoders, train_images, out, eval_clip_model=tiny_clip,
                                   **dict(SCORING, max_train_steps=2, save_steps=1, checkpointing_steps=0,
                                          validation_split=None, select_best="reconstruction")), check=True)
-    assert "model = SDXL (2 text encoders)" in result.stderr
+    assert "model = SDXL, trained: clip_l (text_encoder), clip_g (text_encoder_2)" in result.stderr
     trained = record_of(out)
     assert sorted(trained["steps"], key=int) == ["1", "2"]
     chosen = trained["best"]["step"]
