@@ -90,7 +90,7 @@ def demo(tmp_path_factory):
 
     out = str(tmp_path_factory.mktemp("demo") / "demo-output")
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "demo.py"), "--output_dir", out,
-                           "--seed", str(TRAINER_SEED)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                           "--seed", str(TRAINER_SEED)], cwd=REPO, capture_output=True, text=True, timeout=1500,
                           env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(os.path.join(out, "learning.json")) as f:
