@@ -131,6 +131,51 @@ TOO_BIG = {
 }
 
 
+# Step scores (issue 21): what a scored step adds to training, on the tiny pipeline and on the shapes model. Each
+# pipeline runs three rows in one session: no scores, the validation loss on SCORE_HELD_OUT held-out images
+# (--validation_data_dir) and the CLIP scores (--eval_clip_model); every row saves at SCORE_EVERY steps, so the
+# steps that follow a save are compared with the rows' other steps (scoring_summary). The tiny pipeline scores with
+# a random tiny CLIP at the flags' defaults; the shapes model (tests/assets/shapes-sd) with the shapes CLIP at the
+# settings of `make demo` (tools/shapes.SCORING_FLAGS) and the recipe's batch; one thread (SCORE_ENV).
+SCORE_STEPS = (5, 30)
+SCORE_EVERY = 10
+SCORE_HELD_OUT = 5
+SHAPES_ASSET = os.path.join(ROOT, "tests", "assets", "shapes-sd")
+SCORE_KINDS = ("none", "validation", "clip")
+SCORE_ENV = {"OMP_NUM_THREADS": "1"}  # one thread, as `make demo` and the tests train the shapes model
+
+
+def score_flags(pipeline, kind):
+    """The flags of a step-score row; {held_out} and {tiny_clip} are folders made when the row runs (score_inputs)."""
+    flags = ["--save_steps", str(SCORE_EVERY)]
+    if kind == "validation":
+        flags += ["--validation_data_dir", "{held_out}"]
+    elif kind == "clip" and pipeline == "tiny":
+        flags += ["--eval_clip_model", "{tiny_clip}"]
+    elif kind == "clip":
+        from tools import shapes
+
+        flags += [f"--{k}={v}" for k, v in shapes.SCORING_FLAGS.items()]
+    return flags
+
+
+def score_inputs(flags):
+    """The score rows' placeholders replaced by folders (made under bench/pipelines/ when missing)."""
+    def resolve(flag):
+        if flag == "{held_out}":
+            return ensure_images(SCORE_HELD_OUT)
+        if flag == "{tiny_clip}":
+            path = os.path.join(WORK, "tiny-clip")
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                subprocess.run([TORCH_PYTHON, "-c", "import sys; sys.path.insert(0, sys.argv[2]); "
+                                "from tools.make_tiny_pipeline import make_tiny_clip; make_tiny_clip(sys.argv[1])",
+                                path, ROOT], check=True)
+            return path
+        return flag
+
+    return [resolve(f) for f in flags]
+
+
 def configurations():
     configs = []
     for batch in (1, 4):
@@ -153,6 +198,10 @@ def configurations():
     # Flax's counterpart of --enable_xformers_memory_efficient_attention: chunked attention (memory).
     configs.append(("sd15-fp32-chunked-attention-flax", "flax", "sd15", 512, 1,
                     ["--enable_xformers_memory_efficient_attention"], *SD15_STEPS))
+    for pipeline, resolution, batch in (("tiny", 64, 1), ("shapes", 32, 8)):
+        for kind in SCORE_KINDS:
+            configs.append((f"{pipeline}-scores-{kind}-ours", "ours", pipeline, resolution, batch,
+                            score_flags(pipeline, kind), *SCORE_STEPS))
     # SDXL base 1.0's architecture at its native 1024 px, batch 1 (opt-in, see OPT_IN).
     bf16, gc = ["--mixed_precision", "bf16"], ["--gradient_checkpointing"]
     for variant, flags in (("bf16", bf16), ("bf16-gc", bf16 + gc), ("gc", gc), ("fp32", [])):
@@ -187,6 +236,8 @@ def prefixed(table, name, default=None):
 
 
 def ensure_pipeline(size):
+    if size == "shapes":  # the pretrained shapes model the tests and `make demo` use
+        return SHAPES_ASSET
     path = os.path.join(WORK, size)
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         print(f"[bench] generating the {size} pipeline in {path} (random weights)", flush=True)
@@ -330,7 +381,7 @@ def run_one(config, images, profile_step=None, code_root=ROOT, extra_flags=(), t
     import psutil
 
     name, trainer, size, resolution, batch, extra, warmup, measured = config
-    extra = list(extra) + list(extra_flags)
+    extra = score_inputs(list(extra) + list(extra_flags))
     tag = tag or name
     script = os.path.join(code_root, SCRIPT_PATHS[trainer])
     python = FLAX_PYTHON if trainer == "flax" else TORCH_PYTHON
@@ -478,6 +529,8 @@ def run_one(config, images, profile_step=None, code_root=ROOT, extra_flags=(), t
         result["cpu_s_per_step_median"] = round(statistics.median(cpu_intervals), 4)
     if trainer == "ours":
         result["encode_steps"] = encode_steps(images, batch, warmup + measured)
+    if "-scores-" in name:
+        result["after_save_steps"] = after_save(warmup, measured)
     result["images"] = os.path.relpath(images, ROOT)
     profile = os.path.splitext(timing_file)[0] + ".profile.txt"
     if os.path.isfile(profile):
@@ -485,8 +538,63 @@ def run_one(config, images, profile_step=None, code_root=ROOT, extra_flags=(), t
     return result
 
 
+def after_save(warmup, measured, every=SCORE_EVERY):
+    """Indices into step_intervals_s of the intervals that hold a save step's work: the trainer saves (and scores)
+    step k after its bar moves to k, so the interval ending at step k + 1 holds it."""
+    return [k - warmup for k in range(every, warmup + measured, every) if k >= warmup]
+
+
 # --------------------------------------------------------------------------------------------------
 # Reports
+
+
+def scoring_summary(results):
+    """Per pipeline, the seconds a scored step adds: for each score row, the median interval of the steps after a
+    save minus the median of its other steps, less what a save alone adds (the no-score row's same number)."""
+    summary = {}
+    for pipeline in ("tiny", "shapes"):
+        rows = {kind: results.get(f"{pipeline}-scores-{kind}-ours") for kind in SCORE_KINDS}
+        if not all(r and r.get("status") == "ok" and r.get("after_save_steps") for r in rows.values()):
+            continue
+        extra = {}
+        for kind, r in rows.items():
+            saved = [r["step_intervals_s"][i] for i in r["after_save_steps"]]
+            others = [x for i, x in enumerate(r["step_intervals_s"]) if i not in r["after_save_steps"]]
+            extra[kind] = {"first": saved[0] - statistics.median(others),
+                           "later": statistics.median(saved[1:]) - statistics.median(others),
+                           "step": statistics.median(others)}
+        summary[pipeline] = {
+            kind: {"added_first_s": round(extra[kind]["first"] - extra["none"]["first"], 3),
+                   "added_s": round(extra[kind]["later"] - extra["none"]["later"], 3),
+                   "train_step_s": round(extra[kind]["step"], 4),
+                   "loadavg_start": rows[kind]["loadavg_start"], "cpu": rows[kind]["cpu"],
+                   "measured_at": rows[kind]["measured_at"]}
+            for kind in SCORE_KINDS if kind != "none"}
+    return summary
+
+
+def scoring_lines(results):
+    """The step-score table (markdown lines) for results.md and the README."""
+    summary = scoring_summary(results)
+    if not summary:
+        return []
+    machines = machine_labels(results)
+    what = {"validation": f"validation loss ({SCORE_HELD_OUT} held-out images, {SCORE_HELD_OUT * 10} draws)",
+            "clip": "CLIP scores (reconstruction + editability)"}
+    setting = {"tiny": "tiny, 64 px, batch 1; a random tiny CLIP, 4 pictures x 5 prompts, 25 sampler steps",
+               "shapes": "shapes-sd, 32 px, batch 8; the shapes CLIP, 8 pictures x 5 prompts, 20 sampler steps"}
+    out = ["Step scores (issue 21): seconds a scored step adds to training (the median over the scored steps after "
+           "the first, each the step after a save against the row's other steps, less what a save alone adds); the "
+           "first scored step also measures the initializer's reference once. Rows `*-scores-*` above, run one "
+           "after the other.", "",
+           "| pipeline | scored | training step (s) | added per scored step (s) | = training steps | first scored step "
+           "(s) | load avg at start | machine | measured at |", "|---|---|---:|---:|---:|---:|---|---|---|"]
+    for pipeline, kinds in summary.items():
+        for kind, r in kinds.items():
+            out.append(f"| {setting[pipeline]} | {what[kind]} | {r['train_step_s']:.3f} | {r['added_s']:.2f} "
+                       f"| {r['added_s'] / r['train_step_s']:.0f} | {r['added_first_s']:.2f} | {r['loadavg_start']} "
+                       f"| {machines.get(r['cpu'], '?')} | {r['measured_at']} |")
+    return out
 
 
 def counterpart(results, name):
@@ -619,7 +727,8 @@ def table_lines(results):
     out += ["", "Targets of issue 6:", "", "| target | measured | met |", "|---|---|---|"]
     for target, measured, ok in targets(results):
         out.append(f"| {target} | {measured} | {'yes' if ok else '**no**'} |")
-    return out
+    scoring = scoring_lines(results)
+    return out + ([""] + scoring if scoring else [])
 
 
 def update_readme(results):
@@ -708,7 +817,8 @@ def main(argv=None):
         for config in chosen:
             images = ensure_images(prefixed(IMAGES, config[0], NUM_IMAGES))
             result = run_one(config, images, args.profile_step, code_root=args.code_root,
-                             max_rss_gb=args.max_rss_gb, force=args.force)
+                             max_rss_gb=args.max_rss_gb, force=args.force,
+                             env_extra=SCORE_ENV if "-scores-" in config[0] else None)
             measured[config[0]] = result
             if os.path.isfile(RESULTS_JSON):  # keep the rows another bench/run.py wrote meanwhile
                 with open(RESULTS_JSON) as f:

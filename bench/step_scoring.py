@@ -46,11 +46,10 @@ WORK = os.path.join(HERE, "pipelines", "step-scoring")  # git-ignored: images, r
 RESULTS_JSON = os.path.join(HERE, "step_scoring.json")
 RESULTS_MD = os.path.join(HERE, "step_scoring.md")
 ASSET = os.path.join(ROOT, "tests", "assets", "shapes-sd")
-CLIP = os.path.join(ROOT, "tests", "assets", "shapes-clip")
-# Pictures per prompt and sampler steps of the CLIP scores: more than the flags' defaults (4, 25), since one
-# reconstruction prompt of 4 pictures is a noisy ranking; 20 steps as the judge's samples.
-EVAL_SAMPLES = 8
-EVAL_STEPS = 20
+# The CLIP scores' model, pictures per prompt and sampler steps: make demo's (tools/shapes.SCORING_FLAGS).
+CLIP = shapes.SCORING_CLIP
+EVAL_SAMPLES = shapes.SCORING_FLAGS["eval_num_samples"]
+EVAL_STEPS = shapes.SCORING_FLAGS["eval_inference_steps"]
 TORCH_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 TRAINER = os.path.join(ROOT, "textual_inversion.py")
 CONCEPTS = {"dev": shapes.DEV_CONCEPT, "measured": shapes.MEASURED_CONCEPT}
@@ -58,8 +57,8 @@ TOKEN = "<my-shape>"
 SEEDS = (1, 2, 3)
 MAX_STEPS = 200
 SAVE_EVERY = 25
-VALIDATION_IMAGES = 5
-VALIDATION_IMAGE_SEED = 7  # the training images use write_concept_images' default seed (99)
+VALIDATION_IMAGES = shapes.VALIDATION_IMAGES
+VALIDATION_IMAGE_SEED = shapes.VALIDATION_IMAGE_SEED
 # A pick is good when its judged rate is at most this far below the best saved step's: 0.1 of 48 samples is
 # about 5 samples, near the binomial noise of a 48-sample rate at 50 % (+-0.07).
 PICK_MARGIN = 0.1

@@ -1,6 +1,7 @@
 """The paper's scores (reconstruction, editability) of saved steps with a CLIP model, in training and with the
 standalone command, and --select_best. One scored run (tiny pipeline at 32 px, a tiny random CLIP, 1 sample per
-prompt, 2 sampler steps) is shared by the module."""
+prompt, 2 sampler steps) is shared by the module; an SDXL run (both vector sets, text encoders stored in fp16) is
+scored both ways too."""
 
 import json
 import os
@@ -193,3 +194,53 @@ def test_standalone_bad_input(tmp_path, tiny_clip, tiny_pipeline):
     result = evaluate_command(empty, "--eval_clip_model", tiny_pipeline, "--pretrained_model_name_or_path",
                               tiny_pipeline, "--train_data_dir", empty, check=False)
     assert result.returncode == 2 and "is not a CLIP model folder" in result.stderr.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# SDXL: both text encoders' vectors, scored in training and by the command
+
+
+@pytest.fixture(scope="module")
+def sdxl_fp16_text_encoders(tiny_sdxl_pipeline, tmp_path_factory):
+    """The tiny SDXL pipeline with both text encoders stored in fp16 (weights and config "dtype"), as published SDXL
+    checkpoints are: transformers loads such an encoder in fp16 unless told otherwise, diffusers its UNet and VAE in
+    fp32."""
+    from safetensors.numpy import save_file
+
+    folder = str(tmp_path_factory.mktemp("pipelines") / "tiny-sdxl-fp16")
+    shutil.copytree(tiny_sdxl_pipeline, folder)
+    for name in ("text_encoder", "text_encoder_2"):
+        path = os.path.join(folder, name, "model.safetensors")
+        save_file({k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in load_file(path).items()}, path,
+                  metadata={"format": "pt"})
+        with open(os.path.join(folder, name, "config.json")) as f:
+            config = json.load(f)
+        config["dtype"] = config["torch_dtype"] = "float16"
+        with open(os.path.join(folder, name, "config.json"), "w") as f:
+            json.dump(config, f)
+    return folder
+
+
+def test_sdxl_scores_in_training_equal_the_standalone_commands(sdxl_fp16_text_encoders, train_images, tiny_clip,
+                                                               tmp_path):
+    out = str(tmp_path / "run")
+    result = run_script(base_args(sdxl_fp16_text_encoders, train_images, out, eval_clip_model=tiny_clip,
+                                  **dict(SCORING, max_train_steps=2, save_steps=1, checkpointing_steps=0,
+                                         validation_split=None, select_best="reconstruction")), check=True)
+    assert "model = SDXL, trained: clip_l (text_encoder), clip_g (text_encoder_2)" in result.stderr
+    trained = record_of(out)
+    assert sorted(trained["steps"], key=int) == ["1", "2"]
+    chosen = trained["best"]["step"]
+    for name in ("learned_embeds", "learned_embeds_2"):  # the pick's files: both vector sets
+        assert np.array_equal(load_file(os.path.join(out, f"{name}-best.safetensors"))["<cat-toy>"],
+                              load_file(os.path.join(out, f"{name}-steps-{chosen}.safetensors"))["<cat-toy>"])
+    again = str(tmp_path / "again")
+    shutil.copytree(out, again)
+    strip_scores(again)
+    evaluate_command(again, "--eval_clip_model", tiny_clip)
+    scored = record_of(again)
+    for step in ("1", "2"):
+        for key in SCORES:
+            assert scored["steps"][step][key] == pytest.approx(trained["steps"][step][key], abs=1e-9), (step, key)
+    assert scored["initializer"] == pytest.approx(trained["initializer"], abs=1e-9)
+    assert trained["steps"]["1"]["reconstruction"] != trained["steps"]["2"]["reconstruction"]

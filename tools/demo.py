@@ -7,7 +7,11 @@ draws five purple stars, trains a new token <my-shape> on them with textual_inve
 from the word "shape"), exactly as a user would, then loads the embeddings the run saved along the way
 with diffusers' load_textual_inversion and writes one picture: samples of "a photo of a shape" next to
 samples of "a photo of a <my-shape>" after a few step counts, each column with the fraction of its
-samples the hand-written judge (tools/shapes.py) reads as a purple star. Offline, CPU only, one thread.
+samples the hand-written judge (tools/shapes.py) reads as a purple star. The run also scores every saved step
+(README "Which step is the good one?"): the validation loss on five other purple stars, the paper's reconstruction
+and editability with the shapes CLIP (tests/assets/shapes-clip), and keeps the step `--select_best balanced` picks
+as learned_embeds-best.*; the demo prints those scores per saved step next to the judged rates. Offline, CPU only,
+one thread.
 """
 
 import argparse
@@ -27,13 +31,15 @@ PIPELINE = os.path.join(REPO, "tests", "assets", "shapes-sd")
 # Columns of the picture: the token after these many steps (the last is the end of the run).
 SHOWN_STEPS = (25, 50, 100, 200)
 SAMPLES_SHOWN = 8  # per column; the judged rate under it counts all shapes.GENERATED samples
+SELECT_BEST = "balanced"  # the --select_best rule the run keeps a step by
 
 
-def train_command(data_dir, output_dir, steps, seed):
+def train_command(data_dir, validation_dir, output_dir, steps, seed):
     options = dict(shapes.RECIPE, pretrained_model_name_or_path=PIPELINE, train_data_dir=data_dir,
                    placeholder_token=TOKEN, max_train_steps=steps[-1], save_steps=steps[0], seed=seed,
                    validation_prompt=f"a photo of a {TOKEN}", num_validation_images=4, validation_steps=steps[-1] // 2,
                    checkpointing_steps=steps[-1] // 2, checkpoints_total_limit=1, report_to="none",
+                   validation_data_dir=validation_dir, select_best=SELECT_BEST, **shapes.SCORING_FLAGS,
                    output_dir=output_dir)
     return [sys.executable, os.path.join(REPO, "textual_inversion.py")] + [f"--{k}={v}" for k, v in options.items()]
 
@@ -90,6 +96,45 @@ def write_numbers(path, words, results, files, seed, **seconds):
             json.dump(numbers, f, indent=1)
 
 
+def score_lines(out, judged):
+    """The demo's table of step scores: per saved step (and the initializer's words) the judged rate where the
+    picture has it, the validation loss, reconstruction and editability from eval.json; then the kept step."""
+    import json
+
+    from textual_inversion_core import eval_record
+
+    with open(os.path.join(out, eval_record.FILE), encoding="utf-8") as f:
+        record = json.load(f)
+    steps = {int(k): v for k, v in record["steps"].items() if v.get("embedding")}
+
+    def number(value, spec):
+        return "–" if value is None else format(value, spec)
+
+    rows = [("step", "judged", "val. loss", "reconstruction", "editability")]
+    first = steps[min(steps)]
+    initializer = record.get("initializer", {})
+    rows.append((f'"{shapes.GENERIC_WORD}"', number(judged.get("initializer"), ".0%"),
+                 number(first.get("validation_baseline"), ".5f"), number(initializer.get("reconstruction"), ".4f"),
+                 number(initializer.get("editability"), ".4f")))
+    for step, entry in sorted(steps.items()):
+        rows.append((str(step), number(judged.get(step), ".0%"), number(entry.get("validation_loss"), ".5f"),
+                     number(entry.get("reconstruction"), ".4f"), number(entry.get("editability"), ".4f")))
+    lines = ["  " + " " * 16 + "  ".join(cell.rjust(width) for cell, width in zip(row, (7, 6, 9, 14, 11)))
+             for row in rows]
+    best = record.get("best")
+    if best:
+        reason = best["reason"].removeprefix(f"{best['rule']}: ")  # the balanced rule's reason names itself
+        lines.append(f"  best step       {best['step']}   (--select_best {best['rule']}: {reason}; "
+                     f"learned_embeds-best.*, {file_stem(TOKEN)}-best.*)")
+    return lines
+
+
+def file_stem(token):
+    from textual_inversion_core.embeddings import file_stem_for_token
+
+    return file_stem_for_token(token)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", default=os.path.join(REPO, "demo-output"))
@@ -100,7 +145,11 @@ def main():
     data_dir = shapes.write_concept_images(os.path.join(out, "training-images"), CONCEPT)
     print(f"wrote 5 pictures of a {' '.join(CONCEPT)} to {data_dir}/ (the base model never saw one)", flush=True)
 
-    command = train_command(data_dir, out, SHOWN_STEPS, args.seed)
+    validation_dir = shapes.write_concept_images(os.path.join(out, "validation-images"), CONCEPT,
+                                                 count=shapes.VALIDATION_IMAGES, seed=shapes.VALIDATION_IMAGE_SEED)
+    print(f"wrote {shapes.VALIDATION_IMAGES} other pictures of it to {validation_dir}/ (held out: the validation loss)",
+          flush=True)
+    command = train_command(data_dir, validation_dir, out, SHOWN_STEPS, args.seed)
     print("$ " + " ".join(command), flush=True)
     # One thread: the model is tiny, and a second thread only adds overhead.
     subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
@@ -129,9 +178,8 @@ def main():
                   train_seconds=trained - started, total_seconds=time.time() - started)
 
     from textual_inversion_core import plots
-    from textual_inversion_core.embeddings import file_stem_for_token
 
-    stem = file_stem_for_token(TOKEN)
+    stem = file_stem(TOKEN)
     grid = plots.write_validation_grid(os.path.join(out, "validation"), os.path.join(out, "validation_grid.png"))
     rates = ", ".join(f"{step} steps {results[p]['rate_token']:.0%}" for step, p in zip(SHOWN_STEPS, files))
     print()
@@ -143,6 +191,12 @@ def main():
     print(f"  AUTOMATIC1111   {stem}.pt          -> webui embeddings/ folder, write {stem!r} in a prompt")
     print(f"  ComfyUI, kohya  {stem}.safetensors -> ComfyUI/models/embeddings/, write 'embedding:{stem}'")
     print("  loss curve      loss.png")
+    print("  step scores     eval.json, eval.png   (validation loss on the held-out purple stars: lower is better; "
+          "shapes-CLIP scores: higher)")
+    judged = {step: results[p]["rate_token"] for step, p in zip(SHOWN_STEPS, files)}
+    judged["initializer"] = results["initializer"]["rate"]
+    for line in score_lines(out, judged):
+        print(line)
     if grid:
         print(f"  validation grid {os.path.basename(grid)}   (rows: training steps, from validation/)")
     print("  use it in diffusers:")

@@ -9,6 +9,7 @@ the pretraining tool and the README picture share one definition of the domain.
 
 import contextlib
 import math
+import os
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -380,6 +381,16 @@ MIN_CONCEPT_RATE = 0.25  # judged rate of the token's samples
 MIN_RATE_GAIN = 0.2  # token's judged rate minus the initializer's
 LEARNED = {"loss_margin": MIN_LOSS_MARGIN, "rate": MIN_CONCEPT_RATE, "rate_gain": MIN_RATE_GAIN}
 GENERATED = 48  # samples per prompt behind every judged rate
+# How `make demo`, tests/test_learning.py and bench/step_scoring.py score the saved steps of a run: the validation
+# loss on VALIDATION_IMAGES other fresh images of the concept (--validation_data_dir; the training images are
+# write_concept_images' default seed 99), the paper's scores with the shapes CLIP at 8 pictures per prompt and 20
+# sampler steps: more than the flags' defaults (4, 25), since one reconstruction prompt of 4 pictures ranks steps
+# noisily.
+VALIDATION_IMAGES = 5
+VALIDATION_IMAGE_SEED = 7
+SCORING_CLIP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "assets",
+                            "shapes-clip")
+SCORING_FLAGS = {"eval_clip_model": SCORING_CLIP, "eval_num_samples": 8, "eval_inference_steps": 20}
 
 # The recipe on the flow (SD3) shapes model, tests/assets/shapes-sd3: the same, with T5 read at the model's length.
 FLOW_RECIPE = dict(RECIPE, max_sequence_length=FLOW_MAX_SEQUENCE_LENGTH)
@@ -410,9 +421,14 @@ def learning_shortfalls(numbers, thresholds=LEARNED):
     return failures
 
 
+def judged_samples(pipe, prompt, count=GENERATED):
+    """The samples behind a judged rate (fixed seed): the same pictures for measure_prompt and judged_rates."""
+    return generate(pipe, prompt, count=count, seed=1)
+
+
 def measure_prompt(pipe, prompt, concept, count=GENERATED, keep_images=False):
     """Concept loss and judged rate of one prompt (the paired draws of concept_loss and generate)."""
-    images = generate(pipe, prompt, count=count, seed=1)
+    images = judged_samples(pipe, prompt, count)
     numbers = {"loss": concept_loss(pipe, prompt, concept), "rate": concept_rate(images, concept)}
     return (numbers, images) if keep_images else numbers
 
@@ -459,6 +475,21 @@ def measure_embeddings(pipeline, files, token, concept, initializer=GENERIC_WORD
     return results
 
 
+def judged_rates(pipeline, files, token, concept, count=GENERATED):
+    """{file: judged rate of "a photo of a <token>"} of learned-embedding files, loaded as measure_embeddings loads
+    them; the rate alone (no concept loss, no initializer), the same samples as measure_embeddings'."""
+    pipe = load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+    rates = {}
+    for path in files:
+        pipe.load_textual_inversion(path, token=token)
+        try:
+            prompt = pipe.maybe_convert_prompt(f"a photo of a {token}", pipe.tokenizer)
+            rates[path] = concept_rate(judged_samples(pipe, prompt, count), concept)
+        finally:
+            pipe.unload_textual_inversion()
+    return rates
+
+
 def parse_concept(text):
     """'purple star' or 'purple-star' -> ('purple', 'star'), checked against the domain."""
     colour, shape = text.replace("-", " ").split()
@@ -491,7 +522,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import os
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

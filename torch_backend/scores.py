@@ -70,12 +70,19 @@ def make_sampler(models, resolution, num_inference_steps, autocast=None):
     return sample
 
 
-def set_vectors(models, vector_sets):
-    """Write vector sets (one [n, dim] array per text encoder) into the PlaceholderEmbedding of each text encoder."""
+def text_encoder_sets(models, vectors):
+    """A saved step's vectors (best.read_step_vectors: one array, or a dict by file key such as SDXL's {"clip_l",
+    "clip_g"}) as one [n, dim] array per text encoder, in the text encoders' order."""
+    return [vectors[e.file_key] for e in models.encoders] if isinstance(vectors, dict) else [vectors]
+
+
+def set_vectors(models, vectors):
+    """Write a saved step's vectors (one array, or a dict by file key such as SDXL's {"clip_l", "clip_g"}) into the
+    PlaceholderEmbedding of each text encoder."""
     with torch.no_grad():
-        for text_encoder, vectors in zip(models.text_encoders, vector_sets):
+        for text_encoder, one_set in zip(models.text_encoders, text_encoder_sets(models, vectors), strict=True):
             embedding = text_encoder.get_input_embeddings()
-            embedding.vectors.copy_(torch.from_numpy(np.asarray(vectors, np.float32)))
+            embedding.vectors.copy_(torch.from_numpy(np.asarray(one_set, np.float32)))
 
 
 def paper_scorer(args, models, device, autocast=None):
@@ -110,7 +117,11 @@ def load_scoring_models(settings, vectors):
         variant=settings.variant, tokenizer_name=None))
     models = family.load_text_side(family.load_tokenizers())
     family.load_image_side(models)
-    vector_sets = [vectors[e.file_key] for e in models.encoders] if isinstance(vectors, dict) else [vectors]
+    # fp32 as the trainer holds them without --mixed_precision: transformers keeps a text encoder stored in fp16 (most
+    # published checkpoints) in fp16, which would score the same file differently from training.
+    for module in [models.vae, models.denoiser] + list(models.text_encoders):
+        module.to(dtype=torch.float32)
+    vector_sets = text_encoder_sets(models, vectors)
     if len(vector_sets) != len(models.text_encoders):
         raise UserError(f"the saved vectors have {len(vector_sets)} set(s), the model {len(models.text_encoders)} text "
                         "encoder(s); pass the --pretrained_model_name_or_path the run trained on")
