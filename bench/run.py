@@ -5,7 +5,7 @@
     python bench/run.py --only tiny        # configurations whose name contains "tiny"
     python bench/run.py --report           # only redraw results.md / results.png from results.json
     python bench/run.py --only sdxl-1024   # the SDXL-base-shaped rows at 1024 px (opt-in: ~14 GB disk, up to ~17 GB RAM)
-    python bench/run.py --only sd35-medium # SD3.5-medium-shaped bf16 rows at 512 px (opt-in: ~16 GB disk, ~16 GB RAM)
+    python bench/run.py --only sd35-medium # SD3.5-medium-shaped bf16 rows at 512 px (opt-in: ~16 GB disk, ~10.5 GB RAM)
     python bench/run.py --only flux-dev    # FLUX.1-dev-shaped: the text side, and the step's "does not fit"
     python bench/run.py --code_root DIR    # time the trainers of another checkout (e.g. a `git archive` of a commit)
 
@@ -92,7 +92,7 @@ RSS_LIMIT_GB = {"sdxl-1024": 20.0, "sd35-medium": 20.0, "flux-dev": 20.0}
 # ... and any run that leaves less than this available (/proc/meminfo MemAvailable) to the machine.
 MIN_AVAILABLE_GB = 1.5
 # A row is not started while the machine has less than its expected peak (+ MIN_AVAILABLE_GB) available.
-EXPECTED_PEAK_GB = {"sd35-medium": 16.5, "flux-dev": 10.5}  # measured: 16.2, 10.0
+EXPECTED_PEAK_GB = {"sd35-medium": 11.0, "flux-dev": 10.5}  # measured: 10.46, 10.0
 # The trainer's method entered once the text side is done (BENCH_MARK of bench/step_timer.py) ...
 TEXT_SIDE_MARK = "torch_backend.families.base:Family.load_image_side"
 FLOW_PIPELINES = ("tiny-sd3", "tiny-flux", "sd35-medium", "flux-dev")
@@ -106,28 +106,24 @@ _FLAX_SDXL_LOAD = ("the Flax trainer's loader alone peaks at ≈ 24.5 GB before 
                    "copy (another ≈ 10.2 GB), with both text encoders and the VAE (3.6 GB fp32) already loaded and "
                    "cast to bf16 only afterwards; measured: text_encoder_2 alone (2.78 GB) peaks at 5.96 GB; "
                    "XLA's training activations come on top")
-# SD3.5-medium and FLUX.1-dev (bf16 files): the trainer's diffusers from_pretrained builds the transformer in fp32 and
-# casts it to bf16 afterwards, while the bf16 file is memory-mapped (resident as it is read). Measured in the
-# sd35-medium CLIP-only row (rss_trace_gb): 1.04 GB left after the text side, 16.2 GB at the transformer load
-# (1.04 + 4.94 file + 9.88 fp32), 11.2 GB during the steps; text side with all three encoders 10.3 GB.
-_SD35_T5 = ("with T5 trained it stays resident (the CLIP-only row's text side: 10.3 GB measured) when the transformer "
-            "loads: + 4.94 GB (its bf16 file, memory-mapped) + 9.88 GB (the fp32 copy diffusers builds: 2.47 B "
-            "parameters and positional table x 4 B) = 25.1 GB; the steps would then hold ≈ 20.5 GB (10.3 + the CLIP-only "
-            "row's 11.2 GB step plateau - its 1.04 GB text side), which an idle 24 GB machine could hold if the "
-            "transformer were loaded straight in bf16")
-_FLUX_DEV = ("the FLUX.1-dev transformer has 11.90 B parameters, 23.8 GB in bf16 alone; the trainer builds it in fp32 "
-             "(47.6 GB) while its bf16 file is memory-mapped (23.8 GB), on top of what the text side leaves ({left}; "
-             "flux-dev text-side row): {total} GB; loaded straight in bf16 it would still need {left_gb} + 23.8 GB + the "
-             "step's activations (≥ SD3.5-medium's ≈ 4.9 GB at 512 px) = {bf16} GB")
+# SD3.5-medium and FLUX.1-dev (bf16 files): the trainer reads the transformer in the training's dtype (bf16: no fp32
+# copy). Measured in the sd35-medium CLIP-only row (rss_trace_gb, commit c3c3f32 on): text side with all three encoders
+# 10.35 GB, 1.02 GB left after T5 is freed, 10.46 GB peak during the steps (1.02 + 4.94 GB of bf16 transformer + the
+# step's activations and optimizer ≈ 4.5 GB). Before c3c3f32 diffusers built the transformer in fp32 first: 16.2 GB.
+_SD35_T5 = ("with T5 trained it stays resident: the text side's 10.35 GB (measured, CLIP-only row) + the CLIP-only "
+            "row's step peak above what its text side left (10.46 - 1.02 GB) = 19.8 GB; not started on this shared "
+            "machine (its RSS limit is 20 GB); an idle 24 GB machine could hold it")
+_FLUX_DEV = ("the FLUX.1-dev transformer has 11.90 B parameters, 23.8 GB in bf16 alone (the trainer reads it in bf16), on "
+             "top of what the text side leaves ({left}; flux-dev text-side row), plus the step's activations "
+             "(≥ SD3.5-medium's ≈ 4.5 GB at 512 px): ≥ {total} GB")
 TOO_BIG = {
     "sdxl-1024-bf16-chunked-attention-flax": (24.5, _FLAX_SDXL_LOAD),
     "sdxl-1024-fp32-chunked-attention-flax": (24.5, _FLAX_SDXL_LOAD),
-    "sd35-medium-512-bf16-t5-ours": (25.1, _SD35_T5),
-    "flux-dev-512-bf16-ours": (72.3, _FLUX_DEV.format(left="CLIP-L, T5 cached at 512 tokens and freed: 0.94 GB measured",
-                                                      total=72.3, left_gb=0.94, bf16="≥ 29.6")),
-    "flux-dev-512-bf16-t5-ours": (81.4, _FLUX_DEV.format(
-        left="T5 trained and resident: 10.0 GB, the text side's weights measured at 77 tokens", total=81.4,
-        left_gb=10.0, bf16="≥ 38.7")),
+    "sd35-medium-512-bf16-t5-ours": (19.8, _SD35_T5),
+    "flux-dev-512-bf16-ours": (29.2, _FLUX_DEV.format(left="CLIP-L, T5 cached at 512 tokens and freed: 0.94 GB measured",
+                                                      total=29.2)),
+    "flux-dev-512-bf16-t5-ours": (38.3, _FLUX_DEV.format(
+        left="T5 trained and resident: 10.0 GB, the text side's weights measured at 77 tokens", total=38.3)),
 }
 
 
