@@ -30,6 +30,7 @@ def test_flax_loss_and_gradient_equal_pytorch(tiny_pipeline, prediction_type):
     placeholder_ids, (initializer_id,) = add_placeholder_tokens(tokenizer, "<cat-toy>", num_vectors, "toy")
     text_encoder = CLIPTextModel.from_pretrained(tiny_pipeline, subfolder="text_encoder").eval()
     unet = UNet2DConditionModel.from_pretrained(tiny_pipeline, subfolder="unet").eval()
+    from torch_backend import ddpm
     from torch_backend import model as torch_model
 
     torch_model.verify_text_encoder_loaded(text_encoder, tiny_pipeline)
@@ -55,9 +56,9 @@ def test_flax_loss_and_gradient_equal_pytorch(tiny_pipeline, prediction_type):
     noise = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)
     timesteps = np.array([37, 911], dtype=np.int64)
 
-    loss_pt = torch_model.denoising_loss(text_encoder, unet, scheduler_pt, torch.from_numpy(latents),
-                                      torch.from_numpy(noise), torch.from_numpy(timesteps), torch.from_numpy(ids),
-                                      torch.float32)
+    loss_pt = ddpm.denoising_loss(text_encoder, unet, scheduler_pt, torch.from_numpy(latents),
+                                  torch.from_numpy(noise), torch.from_numpy(timesteps), torch.from_numpy(ids),
+                                  torch.float32)
     loss_pt.backward()
     loss_pt = loss_pt.detach()
     grad_pt = embedding.vectors.grad.numpy()

@@ -2,6 +2,7 @@
 2 devices equal 1, resume is exact, the loss and gradients equal the PyTorch trainer's on the same inputs,
 a Flax checkpoint resumes in the PyTorch trainer, and the saved Flax SDXL pipeline holds the learned rows."""
 
+import argparse
 import os
 import shutil
 
@@ -100,6 +101,8 @@ def test_sdxl_loss_and_gradients_equal_pytorch(tiny_sdxl_pipeline):
     from flax_backend import weights as flax_weights
     from textual_inversion_core.tokens import add_placeholder_tokens
     from torch_backend import model as torch_model
+    from torch_backend.families.base import Models
+    from torch_backend.families.sdxl import SDXL
 
     rng = np.random.default_rng(5)
     num_vectors, batch = 2, 2
@@ -123,10 +126,12 @@ def test_sdxl_loss_and_gradients_equal_pytorch(tiny_sdxl_pipeline):
     timesteps = np.array([50, 800])
     time_ids = np.array([[96, 80, 0, 0, 64, 64], [64, 64, 8, 4, 64, 64]], np.float32)
     scheduler_pt = DDPMScheduler.from_pretrained(tiny_sdxl_pipeline, subfolder="scheduler")
-    models = torch_model.Models("sdxl", tokenizers, encoders, None, unet, scheduler_pt)
-    loss_pt = torch_model.batch_loss(models, (torch.from_numpy(latents), torch.from_numpy(noise),
-                                              torch.from_numpy(timesteps), [torch.from_numpy(i) for i in ids],
-                                              torch.from_numpy(time_ids), None), torch.float32)
+    family = SDXL(argparse.Namespace())  # the PyTorch trainer's SDXL conditioning and DDPM loss
+    models = Models(family, tokenizers, encoders, family.trained)
+    models.denoiser, models.noise_scheduler = unet, scheduler_pt
+    batch = torch_model.DeviceBatch(torch.from_numpy(latents), torch.from_numpy(noise), torch.from_numpy(timesteps),
+                                    [torch.from_numpy(i) for i in ids], torch.from_numpy(time_ids), None)
+    loss_pt = family.batch_loss(models, batch, torch.float32)
     loss_pt.backward()
     grads_pt = [e.vectors.grad.numpy() for e in embeddings]
     assert all(np.linalg.norm(g) > 0 for g in grads_pt)
