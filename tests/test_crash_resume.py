@@ -104,12 +104,14 @@ def test_resume_mid_epoch_with_accumulation_is_exact(tiny_pipeline, data, refere
     assert f"at step {stop_at}" in resumed.stderr
     diff = max_diff(final_vectors(part), final_vectors(reference))
     print(f"resume at step {stop_at}: max |diff| = {diff:.3g}")
-    assert diff <= 1e-6
+    # Bit for bit: every posterior is encoded alone, so the resumed run's cache misses (other keys together than
+    # the uninterrupted run's) give the same latents (1e-7-sized drift before LatentCache encoded one at a time).
+    assert diff == 0.0
     for step in range(stop_at + 1, 9):
         a = checkpoints.load_checkpoint(os.path.join(full, f"checkpoint-{step}"))[0]
         b = checkpoints.load_checkpoint(os.path.join(part, f"checkpoint-{step}"))[0]
         for key in ("vectors", "exp_avg", "exp_avg_sq"):
-            assert max_diff(a[key], b[key]) <= 1e-6, (step, key)
+            assert np.array_equal(a[key], b[key]), (step, key)
 
 
 @pytest.mark.slow
@@ -138,7 +140,7 @@ def test_kill_9_during_checkpoint_save_then_resume_latest(tiny_pipeline, data, r
     assert "at step 2" in resumed.stderr
     diff = max_diff(final_vectors(out), final_vectors(reference))
     print(f"kill -9 mid-save, resumed: max |diff| = {diff:.3g}")
-    assert diff <= 1e-6
+    assert diff == 0.0
     assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2, 4, 6, 8]
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]  # the killed save's folder is cleaned up
 
@@ -184,7 +186,7 @@ def test_kill_9_at_random_moments_until_done(tiny_pipeline, data, reference, tmp
     assert sum(o.startswith("killed") for o in outcomes) >= 1
     diff = max_diff(final_vectors(out), final_vectors(uninterrupted))
     print(f"kill loop: max |diff| = {diff:.3g}")
-    assert diff <= 1e-6
+    assert diff == 0.0
 
 
 @pytest.mark.slow

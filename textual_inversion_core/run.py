@@ -414,15 +414,13 @@ class LatentCache:
     def __call__(self, keys):
         missing = [k for k in dict.fromkeys(keys) if k not in self.entries]
         if missing:
-            pictures = {k: self.dataset.pixels(*k) for k in missing}
-            by_shape = {}  # one encode call per picture shape (a batch of one bucket is one call)
+            # One picture per encode call: the VAE's kernels differ with the batch size, so a posterior encoded
+            # beside whatever else a step happened to miss would depend on the step, and a run resumed mid-epoch
+            # (which misses other keys together) would drift from the uninterrupted one in the last bits.
             for key in missing:
-                by_shape.setdefault(pictures[key].shape, []).append(key)
-            for group in by_shape.values():
-                means, stds = self.encode([pictures[k] for k in group])
-                for key, mean, std in zip(group, means, stds):
-                    # C-contiguous: a framework's strided view (e.g. channels-last) would change which kernels run on it
-                    self.entries[key] = (np.ascontiguousarray(mean, np.float32), np.ascontiguousarray(std, np.float32))
+                (mean,), (std,) = self.encode([self.dataset.pixels(*key)])
+                # C-contiguous: a framework's strided view (e.g. channels-last) would change which kernels run on it
+                self.entries[key] = (np.ascontiguousarray(mean, np.float32), np.ascontiguousarray(std, np.float32))
             total = getattr(self.dataset, "num_latent_keys", 2 * self.dataset.num_images)
             if len(self.entries) == total and self.on_full is not None:
                 self.on_full()
