@@ -44,12 +44,12 @@ MIN_VALIDATION_LOSS_RANK = 0.4
 MAX_CHANCE_OF_PASSING = 0.2
 
 
-def train(tmp_path, asset=ASSET, recipe=None, **overrides):
-    """textual_inversion.py on five images of DEV_CONCEPT with the recipe (default shapes.RECIPE) plus overrides;
-    returns the saved learned_embeds.safetensors."""
+def train(tmp_path, asset=ASSET, recipe=None, concept=None, **overrides):
+    """textual_inversion.py on five images of concept (default DEV_CONCEPT) with the recipe (default shapes.RECIPE)
+    plus overrides; returns the saved learned_embeds.safetensors."""
     from tools import shapes
 
-    data = shapes.write_concept_images(tmp_path / "images", shapes.DEV_CONCEPT)
+    data = shapes.write_concept_images(tmp_path / "images", concept or shapes.DEV_CONCEPT)
     out = str(tmp_path / "out")
     options = dict(recipe or shapes.RECIPE, placeholder_token=TOKEN, max_train_steps=TRAIN_STEPS, seed=TRAINER_SEED,
                    export_formats="diffusers")
@@ -72,11 +72,11 @@ def one_torch_thread():
         torch.set_num_threads(before)
 
 
-def measure(embedding_file, asset=ASSET):
+def measure(embedding_file, asset=ASSET, concept=None):
     from tools import shapes
 
     with one_torch_thread():
-        numbers = shapes.measure_embeddings(asset, [embedding_file], TOKEN, shapes.DEV_CONCEPT)[embedding_file]
+        numbers = shapes.measure_embeddings(asset, [embedding_file], TOKEN, concept or shapes.DEV_CONCEPT)[embedding_file]
     print("measured:", numbers)
     return numbers
 

@@ -157,7 +157,7 @@ class SD3(ShapesFamily):
                                tokenizer_2=CLIPTokenizer.from_pretrained(clip_dir, model_max_length=length,
                                                                          pad_token=SDXL_PAD_TOKEN_2),
                                tokenizer_3=T5TokenizerFast.from_pretrained(t5_dir))
-        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3/SD3.5's
+        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=args.shift)
         self.flow = FlowSettings("logit_normal")
         self.encoder_dropout = args.encoder_dropout
         self.encoding_pipe = self.pipeline(self.modules())  # the fp32 models in training, for encode_prompt
