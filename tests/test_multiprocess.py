@@ -21,6 +21,9 @@ from textual_inversion_core import checkpoints
 # order of the gradient all-reduce vs. the batch mean), the logged loss by 1.2e-7 (1 ulp); both limits are 1e-6.
 VECTOR_TOLERANCE = 1e-6
 LOSS_TOLERANCE = 1e-6
+# The CLIP scores of the eval (rank 0 samples pictures of those vectors, 1e-7 apart, through 25 sampler steps): equal
+# but for editability at step 3, 1.2e-5 and 1.37e-5 apart in two runs (Intel; the scores are 0.26-0.9), so 1e-4.
+CLIP_SCORE_TOLERANCE = 1e-4
 # Resumed on 2 machines, the vectors and AdamW moments differed from 1 process by at most 1.3e-6 of their largest
 # value (all-reduce vs batch-mean rounding; the moments are as small as 2e-8); a wrong resume point differs by the
 # whole value.
@@ -130,9 +133,11 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_pipeline, train
     for step in one_eval:
         for key in ("validation_loss", "validation_baseline"):
             assert abs(one_eval[step][key] - two_eval[step][key]) <= LOSS_TOLERANCE, (step, key)
-        if launcher == "accelerate":  # pictures of vectors 1e-7 apart: CLIP cosines (~0.3-0.9) within 1e-5
+        if launcher == "accelerate":
             for key in ("reconstruction", "editability"):
-                assert abs(one_eval[step][key] - two_eval[step][key]) <= 1e-5, (step, key)
+                score_diff = abs(one_eval[step][key] - two_eval[step][key])
+                print(f"accumulation {accumulation}, step {step}: {key} 1-process - 2-process = {score_diff:.3g}")
+                assert score_diff <= CLIP_SCORE_TOLERANCE, (step, key)
             assert one_eval[step]["samples"] == two_eval[step]["samples"] == 5
     assert [s for s, _ in scalars(single, "loss/validation")] == [s for s, _ in scalars(double, "loss/validation")] == [3, 6]
 

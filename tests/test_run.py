@@ -206,12 +206,13 @@ def test_latent_cache_encodes_each_image_and_flip_once_then_frees_the_encoder():
 
     cache = run.LatentCache(Images(), encode, on_full=lambda: freed.append(True))
     mean, std = cache([(0, False), (1, True), (0, False)])
-    assert calls == [2] and mean.shape == (3, 2, 2, 2) and mean[2, 0, 0, 0] == 0.5 and mean[1, 0, 0, 0] == 11.5
+    # One picture per call (the VAE's kernels differ with batch size): each missing key once, the repeat not again.
+    assert calls == [1, 1] and mean.shape == (3, 2, 2, 2) and mean[2, 0, 0, 0] == 0.5 and mean[1, 0, 0, 0] == 11.5
     assert all(entry[0].flags.c_contiguous for entry in cache.entries.values())
     cache([(0, True), (1, False)])
-    assert calls == [2, 2] and freed == [True]
+    assert calls == [1, 1, 1, 1] and freed == [True]
     cache([(1, False)])
-    assert calls == [2, 2] and freed == [True]
+    assert calls == [1, 1, 1, 1] and freed == [True]
 
 
 def test_zero_learning_rate_is_zero_in_every_schedule():
