@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -142,9 +143,13 @@ def loadavg():
         return " ".join(f.read().split()[:3])
 
 
-def cpu_seconds_of_children():
-    usage = os.times()
-    return usage.children_user + usage.children_system
+def run_child(command, stdout, stderr, **popen):
+    """(exit code, CPU seconds of that child alone): os.wait4 reads the child's own rusage (the process-wide
+    children's times, os.times, would also count the runs other --jobs threads reaped meanwhile)."""
+    child = subprocess.Popen(command, stdout=stdout, stderr=stderr, **popen)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    return child.returncode, usage.ru_utime + usage.ru_stime
 
 
 def train_and_measure(setting, trainer, concept, seed):
@@ -161,34 +166,37 @@ def train_and_measure(setting, trainer, concept, seed):
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     command = trainer_command(trainer, data_dir, out_dir, seed, setting)
     print(f"[learning] {name}: training ({loadavg()})", flush=True)
-    started, cpu_before = time.time(), cpu_seconds_of_children()
+    started = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.run(command, cwd=ROOT, env=one_thread_env(trainer), stdout=log, stderr=subprocess.STDOUT)
-    result.update(train_wall_s=round(time.time() - started, 1),
-                  train_cpu_s=round(cpu_seconds_of_children() - cpu_before, 1))
+        returncode, cpu_s = run_child(command, log, subprocess.STDOUT, cwd=ROOT, env=one_thread_env(trainer))
+    result.update(train_wall_s=round(time.time() - started, 1), train_cpu_s=round(cpu_s, 1), cpu_timing="child")
     files = [os.path.join(out_dir, f"learned_embeds-steps-{step}.safetensors") for step in MEASURE_AT]
     missing = [f for f in files if not os.path.isfile(f)]
-    if proc.returncode != 0 or missing:
+    if returncode != 0 or missing:
         with open(log_path, errors="replace") as f:
             tail = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()][-3:]
         result.update(status="failed", error=" | ".join(tail)[-400:], log=os.path.relpath(log_path, ROOT))
         return result
     print(f"[learning] {name}: measuring {len(files)} embeddings", flush=True)
-    started, cpu_before = time.time(), cpu_seconds_of_children()
-    measured = subprocess.run([TORCH_PYTHON, os.path.join(ROOT, "tools", "shapes.py"), "measure", "--pipeline",
-                               model_of(setting)[0],
-                               "--token", TOKEN, "--concept", " ".join(CONCEPTS[concept]), *files],
-                              cwd=ROOT, env=one_thread_env("torch"), capture_output=True, text=True)
-    if measured.returncode != 0:
-        result.update(status="failed", error="measure: " + measured.stderr.strip()[-400:])
+    started = time.time()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        returncode, measure_cpu_s = run_child(
+            [TORCH_PYTHON, os.path.join(ROOT, "tools", "shapes.py"), "measure", "--pipeline", model_of(setting)[0],
+             "--token", TOKEN, "--concept", " ".join(CONCEPTS[concept]), *files],
+            out, err, cwd=ROOT, env=one_thread_env("torch"))
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if returncode != 0:
+        result.update(status="failed", error="measure: " + stderr.strip()[-400:])
         return result
-    numbers = json.loads(measured.stdout.strip().splitlines()[-1])
+    numbers = json.loads(stdout.strip().splitlines()[-1])
     rows = [numbers[f] for f in files]
     result.update(
         status="ok", steps=list(MEASURE_AT),
         rate_token=[round(r["rate_token"], 4) for r in rows], loss_token=[round(r["loss_token"], 6) for r in rows],
         rate_initializer=round(rows[0]["rate_initializer"], 4), loss_initializer=round(rows[0]["loss_initializer"], 6),
-        measure_wall_s=round(time.time() - started, 1), measure_cpu_s=round(cpu_seconds_of_children() - cpu_before, 1),
+        measure_wall_s=round(time.time() - started, 1), measure_cpu_s=round(measure_cpu_s, 1),
         loadavg_end=loadavg(), measured_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         log=os.path.relpath(log_path, ROOT))
     return result
@@ -281,8 +289,10 @@ def curve_lines(runs):
         out.append("| judged rate, mean (min–max) | " + " | ".join(f"{m:.2f} ({lo:.2f}–{hi:.2f})" for m, (lo, hi)
                                                                in zip(rates, spread)) + " |")
         out.append("| loss margin, initializer − token | " + " | ".join(f"{m:.4f}" for m in margins) + " |")
-        cpu = mean([r["train_cpu_s"] for r in group])
-        out.append(f"| train CPU s per run ({MAX_STEPS} steps) | {cpu:.0f} |" + " |" * (len(steps) - 1))
+        # Only runs timed by their own rusage (cpu_timing "child"): before, --jobs 2 mixed in the other thread's runs.
+        timed = [r["train_cpu_s"] for r in group if r.get("cpu_timing") == "child"]
+        cpu = f"{mean(timed):.0f} ({len(timed)} of {len(group)} runs)" if timed else "– (not timed alone)"
+        out.append(f"| train CPU s per run ({MAX_STEPS} steps) | {cpu} |" + " |" * (len(steps) - 1))
     return out
 
 

@@ -27,6 +27,7 @@ class ShapesFamily:
     trained_names = ()
     tokenizer_folders = ("tokenizer",)
     shifts_latents = False  # SD3's VAE subtracts shift_factor before scaling; SD's only scales
+    slim_tokenizers = False  # save the CLIP tokenizers without tokenizer.json (the folder stays under ~20 MB)
     optimizer_options = {}
 
     def __init__(self, args, clip_dir):
@@ -67,6 +68,11 @@ class ShapesFamily:
         pipe = self.pipeline({name: module.eval().half() for name, module in modules.items()})
         save_pipeline_folder(pipe, self.clip_dir, out_dir, extra_files=extra_files,
                              tokenizer_folders=self.tokenizer_folders)
+        if self.slim_tokenizers:
+            # vocab.json + merges.txt load to the same CLIP tokenizer (checked in transformers 5: same ids, padding
+            # and added tokens); tokenizer.json repeats the 49408-token vocabulary in 3.6 MB per folder.
+            for folder in self.tokenizer_folders:
+                os.remove(os.path.join(out_dir, folder, "tokenizer.json"))
 
     def modules(self):
         return {"vae": self.vae, **{name: getattr(self, name) for name in self.trained_names}}
@@ -128,6 +134,7 @@ class SD3(ShapesFamily):
     trained_names = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizer_folders = ("tokenizer", "tokenizer_2")
     shifts_latents = True
+    slim_tokenizers = True  # two CLIP tokenizers: 7.3 MB of tokenizer.json
     optimizer_options = {"fused": True}  # AdamW over ~5M weights (mostly two CLIP vocabularies): 3x faster fused
     max_sequence_length = shapes.FLOW_MAX_SEQUENCE_LENGTH  # CLIP and T5 alike (see there)
 
