@@ -326,7 +326,7 @@ def update_readme(runs):
 COLOURS = {"torch": (31, 119, 180), "flax": (44, 160, 44)}
 # The default recipe is drawn in its trainer's colour; each training control (PyTorch) in a hue of its own.
 SETTING_COLOURS = ((255, 127, 14), (0, 0, 0), (148, 103, 189), (140, 86, 75), (227, 119, 194),
-                   (127, 127, 127), (188, 189, 34), (23, 190, 207))
+                   (127, 127, 127), (188, 189, 34), (23, 190, 207), (214, 39, 40), (0, 0, 128))
 
 
 def line_colour(trainer, setting_index):
@@ -336,8 +336,9 @@ def line_colour(trainer, setting_index):
 
 
 def write_plot(data):
-    """Per concept: judged rate and loss margin against steps; one line per trainer x setting (the seeds'
-    mean), a dot per seed and step. Drawn with Pillow (no plotting library in the environments)."""
+    """Per concept: judged rate, and loss margin on each model (the SD model's DDPM loss and the flow model's
+    velocity loss differ ~60x in scale, so each has its own panel), against steps; one line per trainer x setting
+    (the seeds' mean), a dot per seed and step. Drawn with Pillow (no plotting library in the environments)."""
     from PIL import Image, ImageDraw, ImageFont
 
     grouped = groups(data["runs"])
@@ -345,18 +346,33 @@ def write_plot(data):
     panel_w, panel_h, left, top, gap = 360, 220, 60, 40, 90
     concepts = [c for c in CONCEPTS if any(k[2] == c for k in grouped)]
     settings = list(dict.fromkeys(k[0] for k in grouped))
-    width = left + 2 * (panel_w + gap) + 10
+    def margin_range(flow):
+        margins = [r["loss_initializer"] - v for k, g in grouped.items() if (k[0] in FLOW_SETTINGS) == flow
+                   for r in g for v in r["loss_token"]]
+        return min([0.0] + margins), max([0.001] + margins) * 1.1
+
+    def every(setting):
+        return True
+
+    def sd_only(setting):
+        return setting not in FLOW_SETTINGS
+
+    def flow_only(setting):
+        return setting in FLOW_SETTINGS
+
+    panels = [("judged {} rate", 0.0, 1.0, every),
+              ("loss margin, shapes-sd (initializer - token)", *margin_range(False), sd_only)]
+    if any(k[0] in FLOW_SETTINGS for k in grouped):
+        panels.append(("loss margin, shapes-sd3 (velocity loss)", *margin_range(True), flow_only))
+    width = left + len(panels) * (panel_w + gap) + 10
     height = top + len(concepts) * (panel_h + 70) + 20 + 14 * len(settings) * len(TRAINERS)
     image = Image.new("RGB", (width, max(height, 200)), "white")
     draw = ImageDraw.Draw(image)
-    margins_all = [r["loss_initializer"] - v for g in grouped.values() for r in g for v in r["loss_token"]]
-    margin_high = max([0.001] + margins_all) * 1.1
-    margin_low = min([0.0] + margins_all)
     max_step = max([MAX_STEPS] + [r["steps"][-1] for g in grouped.values() for r in g])
     for row, concept in enumerate(concepts):
         y0 = top + row * (panel_h + 70)
-        for col, (label, low, high) in enumerate(((f"judged {' '.join(CONCEPTS[concept])} rate", 0.0, 1.0),
-                                                  ("loss margin (initializer - token)", margin_low, margin_high))):
+        for col, (label, low, high, shown) in enumerate(panels):
+            label = label.format(" ".join(CONCEPTS[concept]))
             x0 = left + col * (panel_w + gap)
             draw.text((x0, y0 - 16), f"{concept_label(concept)}: {label}", fill="black", font=font)
 
@@ -376,7 +392,7 @@ def write_plot(data):
                 _, ty = px(0, TARGET_RATE)
                 draw.line([x0, ty, x0 + panel_w, ty], fill=(200, 60, 60))
             for (setting, trainer, c), group in grouped.items():
-                if c != concept:
+                if c != concept or not shown(setting):
                     continue
                 colour = line_colour(trainer, settings.index(setting))
                 steps = [0] + group[0]["steps"]
