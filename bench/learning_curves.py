@@ -346,24 +346,19 @@ def write_plot(data):
     panel_w, panel_h, left, top, gap = 360, 220, 60, 40, 90
     concepts = [c for c in CONCEPTS if any(k[2] == c for k in grouped)]
     settings = list(dict.fromkeys(k[0] for k in grouped))
+    def shown(setting, flow):
+        """Does a panel for flow (None: either model; False: shapes-sd; True: shapes-sd3) draw this setting?"""
+        return flow is None or (setting in FLOW_SETTINGS) == flow
+
     def margin_range(flow):
-        margins = [r["loss_initializer"] - v for k, g in grouped.items() if (k[0] in FLOW_SETTINGS) == flow
+        margins = [r["loss_initializer"] - v for k, g in grouped.items() if shown(k[0], flow)
                    for r in g for v in r["loss_token"]]
         return min([0.0] + margins), max([0.001] + margins) * 1.1
 
-    def every(setting):
-        return True
-
-    def sd_only(setting):
-        return setting not in FLOW_SETTINGS
-
-    def flow_only(setting):
-        return setting in FLOW_SETTINGS
-
-    panels = [("judged {} rate", 0.0, 1.0, every),
-              ("loss margin, shapes-sd (initializer - token)", *margin_range(False), sd_only)]
+    panels = [("judged {} rate", 0.0, 1.0, None),
+              ("loss margin, shapes-sd (initializer - token)", *margin_range(False), False)]
     if any(k[0] in FLOW_SETTINGS for k in grouped):
-        panels.append(("loss margin, shapes-sd3 (velocity loss)", *margin_range(True), flow_only))
+        panels.append(("loss margin, shapes-sd3 (velocity loss)", *margin_range(True), True))
     width = left + len(panels) * (panel_w + gap) + 10
     height = top + len(concepts) * (panel_h + 70) + 20 + 14 * len(settings) * len(TRAINERS)
     image = Image.new("RGB", (width, max(height, 200)), "white")
@@ -371,7 +366,7 @@ def write_plot(data):
     max_step = max([MAX_STEPS] + [r["steps"][-1] for g in grouped.values() for r in g])
     for row, concept in enumerate(concepts):
         y0 = top + row * (panel_h + 70)
-        for col, (label, low, high, shown) in enumerate(panels):
+        for col, (label, low, high, flow) in enumerate(panels):
             label = label.format(" ".join(CONCEPTS[concept]))
             x0 = left + col * (panel_w + gap)
             draw.text((x0, y0 - 16), f"{concept_label(concept)}: {label}", fill="black", font=font)
@@ -392,7 +387,7 @@ def write_plot(data):
                 _, ty = px(0, TARGET_RATE)
                 draw.line([x0, ty, x0 + panel_w, ty], fill=(200, 60, 60))
             for (setting, trainer, c), group in grouped.items():
-                if c != concept or not shown(setting):
+                if c != concept or not shown(setting, flow):
                     continue
                 colour = line_colour(trainer, settings.index(setting))
                 steps = [0] + group[0]["steps"]

@@ -33,10 +33,11 @@ def learned(request, tmp_path_factory):
     from tools import shapes
 
     concept, setting = request.param
+    pair = shapes.parse_concept(concept)
     flags = {"enable_t5_ti": True} if setting == "sd3+t5" else {}
-    embedding = train(tmp_path_factory.mktemp("flow-learning"), asset=ASSET, recipe=shapes.FLOW_RECIPE,
-                      concept=shapes.parse_concept(concept), **flags)
-    return request.param, measure(embedding, asset=ASSET, concept=shapes.parse_concept(concept))
+    embedding = train(tmp_path_factory.mktemp("flow-learning"), asset=ASSET, recipe=shapes.FLOW_RECIPE, concept=pair,
+                      **flags)
+    return request.param, measure(embedding, asset=ASSET, concept=pair)
 
 
 def test_learned_token_lowers_the_flow_loss_and_generates_the_concept(learned):

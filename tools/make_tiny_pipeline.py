@@ -273,13 +273,17 @@ def make_sdxl_pipeline(out_dir, seed=0):
     return out_dir
 
 
-def save_pipeline_folder(pipe, tokenizer_dir, out_dir, extra_files=None, tokenizer_folders=("tokenizer",)):
+def save_pipeline_folder(pipe, tokenizer_dir, out_dir, extra_files=None, tokenizer_folders=("tokenizer",),
+                         tokenizer_json=True):
     """Save pipe as a folder both transformers 4.x and 5.x load, replacing out_dir's pipeline.
 
     Written to a staging folder beside out_dir first; model_index.json is moved in last, so a crash
     never leaves something that looks like a complete pipeline. tokenizer_dir holds vocab.json and
     merges.txt (transformers 5 writes only tokenizer.json, which 4.x cannot read), copied into each of
     tokenizer_folders; extra_files maps file names to text written at the top of the folder.
+    tokenizer_json=False leaves out tokenizer_folders' tokenizer.json: vocab.json + merges.txt load to the same
+    CLIP tokenizer (checked in transformers 5: same ids, padding and added tokens), and tokenizer.json repeats the
+    49408-token vocabulary in 3.6 MB per folder.
     """
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -289,6 +293,8 @@ def save_pipeline_folder(pipe, tokenizer_dir, out_dir, extra_files=None, tokeniz
         for folder in tokenizer_folders:
             for name in ("vocab.json", "merges.txt"):
                 shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(staging, folder, name))
+            if not tokenizer_json:
+                os.remove(os.path.join(staging, folder, "tokenizer.json"))
         # Only CLIPTextModel loses the prefix; text_encoder_2 (WithProjection) keeps it and must not be touched.
         add_text_model_prefix(os.path.join(staging, "text_encoder"))
         for name, text in (extra_files or {}).items():

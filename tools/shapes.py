@@ -485,12 +485,8 @@ def judged_rates(pipeline, files, token, concept, count=GENERATED):
     pipe = load_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
     rates = {}
     for path in files:
-        pipe.load_textual_inversion(path, token=token)
-        try:
-            prompt = pipe.maybe_convert_prompt(f"a photo of a {token}", pipe.tokenizer)
-            rates[path] = concept_rate(judged_samples(pipe, prompt, count), concept)
-        finally:
-            pipe.unload_textual_inversion()
+        with token_loaded(pipe, path, token) as (loaded, trigger):
+            rates[path] = concept_rate(judged_samples(loaded, f"a photo of a {trigger}", count), concept)
     return rates
 
 

@@ -67,12 +67,7 @@ class ShapesFamily:
                     p.copy_(w)
         pipe = self.pipeline({name: module.eval().half() for name, module in modules.items()})
         save_pipeline_folder(pipe, self.clip_dir, out_dir, extra_files=extra_files,
-                             tokenizer_folders=self.tokenizer_folders)
-        if self.slim_tokenizers:
-            # vocab.json + merges.txt load to the same CLIP tokenizer (checked in transformers 5: same ids, padding
-            # and added tokens); tokenizer.json repeats the 49408-token vocabulary in 3.6 MB per folder.
-            for folder in self.tokenizer_folders:
-                os.remove(os.path.join(out_dir, folder, "tokenizer.json"))
+                             tokenizer_folders=self.tokenizer_folders, tokenizer_json=not self.slim_tokenizers)
 
     def modules(self):
         return {"vae": self.vae, **{name: getattr(self, name) for name in self.trained_names}}
